@@ -1,0 +1,108 @@
+"""The gain ratio r = E‖g_U‖² / E‖g_R‖², estimated online from training steps.
+
+With minibatch size m, uniform single-sample second moment E‖g_U1‖² and
+importance-sampled one E‖g_R1‖²,
+
+    r = 1 + (E‖g_U1‖² − E‖g_R1‖²) / (m · E‖g_R‖²).
+
+Per step, from the sampled indices k with probabilities p_k and measured
+gradient norms u_k, unbiased estimates are
+
+    Û = mean_k u_k² / (n p_k)          (of E‖g_U1‖² = (1/n) Σ v_i²)
+    R̂ = mean_k (u_k / (n p_k))²        (of E‖g_R1‖² = (1/n²) Σ v_i²/p_i)
+
+and ‖g_R‖² is the squared norm of the minibatch gradient. Each is smoothed by a
+bias-corrected exponential moving average (rate α) and r is clipped to
+[1, r_max].
+
+*Proxy norms* are only proportional to true norms (u ≈ λ v, λ unknown), so the
+estimate is made scale-free: ρ = Û / R̂ is the ratio E‖g_U1‖²/E‖g_R1‖², and
+the true E‖g_R1‖² comes from the minibatch itself: splitting it into halves A
+and B, ⟨g_A, g_B⟩ is unbiased for ‖∇F‖², and
+E‖g_R‖² = ‖∇F‖² + (E‖g_R1‖² − ‖∇F‖²)/m gives
+E‖g_R1‖² = m (E‖g_R‖² − ‖∇F‖²) + ‖∇F‖². Then r = 1 + (ρ − 1) E‖g_R1‖² / (m E‖g_R‖²).
+
+Reference: Johnson & Guestrin, NeurIPS 2018, §5.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import chex
+import jax.numpy as jnp
+
+
+class GainRatioState(NamedTuple):
+  """Exponential moving averages (not yet bias-corrected) and their count."""
+
+  uniform_moment: chex.Array  # EMA of Û
+  robust_moment: chex.Array  # EMA of R̂
+  grad_sq_norm: chex.Array  # EMA of ‖g_R‖²
+  grad_halves_inner: chex.Array  # EMA of ⟨g_A, g_B⟩ (proxy norms only)
+  count: chex.Array  # int32 number of accepted updates
+  skipped: chex.Array  # int32 updates skipped for non-finite inputs
+
+
+def init() -> GainRatioState:
+  zero = jnp.zeros((), jnp.float32)
+  return GainRatioState(zero, zero, zero, zero, jnp.zeros((), jnp.int32),
+                        jnp.zeros((), jnp.int32))
+
+
+def update(state: GainRatioState, norms: chex.Array, probs: chex.Array,
+           num_examples: int, grad_sq_norm: chex.Array, *,
+           grad_halves_inner: Optional[chex.Array] = None,
+           alpha: float = 0.01) -> GainRatioState:
+  """Folds one step's measurements into the moving averages.
+
+  Args:
+    state: current averages.
+    norms: (m,) measured gradient norms u_k of the sampled examples.
+    probs: (m,) their sampling probabilities p_k.
+    num_examples: n.
+    grad_sq_norm: ‖g_R‖² of this step's (importance-weighted) minibatch gradient.
+    grad_halves_inner: ⟨g_A, g_B⟩ of the two half-minibatch gradients, needed
+      by :func:`estimate` with ``scale_free=True``.
+    alpha: EMA rate.
+
+  Returns:
+    The new state. A step whose inputs are not all finite is skipped and
+    counted in ``skipped``.
+  """
+  scaled = norms / (num_examples * probs)
+  sample = (jnp.mean(norms * scaled), jnp.mean(scaled**2), grad_sq_norm,
+            jnp.zeros(()) if grad_halves_inner is None else grad_halves_inner)
+  sample = tuple(jnp.asarray(x, jnp.float32) for x in sample)
+  finite = jnp.all(jnp.stack([jnp.isfinite(x) for x in sample]))
+  old = (state.uniform_moment, state.robust_moment, state.grad_sq_norm,
+         state.grad_halves_inner)
+  new = tuple(jnp.where(finite, (1 - alpha) * o + alpha * x, o)
+              for o, x in zip(old, sample))
+  return GainRatioState(*new, count=state.count + finite.astype(jnp.int32),
+                        skipped=state.skipped + (~finite).astype(jnp.int32))
+
+
+def estimate(state: GainRatioState, batch_size: int, *, alpha: float = 0.01,
+             r_max: Optional[float] = None,
+             scale_free: bool = False) -> chex.Array:
+  """The gain ratio r ∈ [1, r_max] (r_max defaults to the batch size m).
+
+  Returns 1 until the first update. ``scale_free=True`` uses the proxy-norm
+  formula (module docstring).
+  """
+  m = batch_size
+  r_max = float(m) if r_max is None else r_max
+  correction = 1.0 - (1.0 - alpha) ** state.count.astype(jnp.float32)
+  correction = jnp.where(state.count > 0, correction, 1.0)
+  u_mom, r_mom, g2, inner = (x / correction for x in (
+      state.uniform_moment, state.robust_moment, state.grad_sq_norm,
+      state.grad_halves_inner))
+  if scale_free:
+    rho = u_mom / r_mom
+    single = m * (g2 - inner) + inner  # E‖g_R1‖² in true scale
+    r = 1.0 + (rho - 1.0) * single / (m * g2)
+  else:
+    r = 1.0 + (u_mom - r_mom) / (m * g2)
+  r = jnp.where((state.count > 0) & jnp.isfinite(r), r, 1.0)
+  return jnp.clip(r, 1.0, r_max)

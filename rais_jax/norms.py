@@ -1,0 +1,93 @@
+"""Per-example gradient norms u_k = ‖∇_w f_k(w)‖, exact or by proxy.
+
+The interface shared by every exact method is
+``per_example_grad_norms(loss_fn, params, batch) -> (m,)`` where
+``loss_fn(params, batch)`` returns per-example losses of shape (m,) and every
+leaf of ``batch`` has leading axis m.
+
+The *proxy* of Johnson & Guestrin (2018) is the norm of the loss gradient with
+respect to the model output: for softmax cross-entropy with logits z and label
+y, ‖∂f/∂z‖ = ‖softmax(z) − e_y‖. It costs nothing beyond the forward pass but
+is only proportional to the true norm, so the gain ratio must be estimated
+scale-free with it (see :mod:`rais_jax.gain_ratio`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], chex.Array]
+
+METHODS = ("vmap",)
+
+
+def batch_size_of(batch: PyTree) -> int:
+  """The common leading axis m of a batch pytree, with a clear error if none."""
+  sizes = {leaf.shape[0] if getattr(leaf, "ndim", 0) else None
+           for leaf in jax.tree.leaves(batch)}
+  if not sizes:
+    raise ValueError("batch is empty: it must be a pytree of arrays with "
+                     "leading axis m.")
+  if None in sizes or len(sizes) != 1:
+    raise ValueError(
+        "every leaf of batch must be an array with the same leading (example) "
+        f"axis; found leading sizes {sorted(s for s in sizes if s is not None)}"
+        f"{' and scalars' if None in sizes else ''}.")
+  return sizes.pop()
+
+
+def check_loss_fn(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int:
+  """Checks ``loss_fn(params, batch)`` has shape (m,) without running it."""
+  m = batch_size_of(batch)
+  out = jax.eval_shape(loss_fn, params, batch)
+  if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != (m,):
+    raise ValueError(
+        "loss_fn(params, batch) must return per-example losses of shape "
+        f"(m,) = ({m},); it returned {jax.tree.map(lambda x: x.shape, out)}. "
+        "Return the unreduced losses, not their mean.")
+  return m
+
+
+def per_example_grad_norms(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
+                           method: str = "vmap",
+                           chunk_size: Optional[int] = None) -> chex.Array:
+  """Exact ‖∇_params f_k‖ for every example k of ``batch``, shape (m,).
+
+  Args:
+    loss_fn: ``(params, batch) -> (m,)`` per-example losses; each loss may
+      depend only on its own example (no BatchNorm in training mode).
+    params: the parameters to differentiate.
+    batch: pytree whose leaves have leading axis m.
+    method: ``"vmap"``, the reference: ``vmap`` of per-example ``grad``
+      (memory grows as m × #params; use ``chunk_size`` to bound it).
+    chunk_size: with ``"vmap"``, how many examples to differentiate at once.
+
+  Returns:
+    Norms of shape (m,), float32.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+  check_loss_fn(loss_fn, params, batch)
+
+  def one(example):
+    single = jax.tree.map(lambda x: x[None], example)
+    grads = jax.grad(lambda p: loss_fn(p, single)[0])(params)
+    return optax.global_norm(grads)
+
+  if chunk_size is None:
+    return jax.vmap(one)(batch)
+  return jax.lax.map(one, batch, batch_size=chunk_size)
+
+
+def softmax_cross_entropy_proxy_norms(logits: chex.Array,
+                                      labels: chex.Array) -> chex.Array:
+  """‖softmax(z_k) − e_{y_k}‖, the gradient norm w.r.t. the logits, (m,)."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  delta = probs - jax.nn.one_hot(labels, logits.shape[-1], dtype=probs.dtype)
+  return jnp.linalg.norm(delta, axis=-1)

@@ -1,0 +1,494 @@
+"""The RAIS sampler: O(m log n) robust importance sampling over a state pytree.
+
+The state (:class:`SamplerState`) holds everything: per-example features, two
+sum-trees over a_i = ⟨c, s_i⟩ and b_i = ⟨d, s_i⟩, the uncertainty-set
+parameters (c, d), the ring buffer D of recent measurements, the (PT) solve in
+flight, the gain-ratio moments, counters and diagnostics. It lives on device, so
+``jit``, ``lax.scan``, sharding and orbax checkpointing apply unchanged.
+
+Sampling draws m i.i.d. indices from
+
+    p_i = (1 − ε) (a_i + k b_i) / (A + k B) + ε / n,   A = Σ a, B = Σ b, k = B^(-1/2),
+
+as a mixture: tree a with weight (1 − ε) A/(A + kB), tree b with weight
+(1 − ε) kB/(A + kB), uniform with weight ε. Until the first (PT) solution is
+applied, sampling is uniform.
+
+(PT) runs every ``pt_period`` = ⌈|D|/m⌉ steps on a snapshot of D and its result
+is applied exactly ``pt_delay`` steps later, so runs are reproducible for a
+given key whether the solve ran in the background (``pt_mode="async"``: an
+``io_callback`` hands the snapshot to a host thread) or in-graph
+(``pt_mode="sync"``: ``lax.cond`` at the delivery step, for TPUs and tests).
+A solve that fails or returns non-finite values keeps the old (c, d) and is
+counted in the diagnostics.
+
+Reference: Johnson & Guestrin, NeurIPS 2018, Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import threading
+from typing import Any, Callable, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.experimental import io_callback
+
+from rais_jax import gain_ratio as gain_ratio_lib
+from rais_jax import robust
+from rais_jax import sum_tree
+from rais_jax.features import FeatureMap
+from rais_jax.pt_solver import PTInfo, solve_pt
+
+PyTree = Any
+
+
+@struct.dataclass
+class Records:
+  """Ring buffer D of the last |D| measurements (s̃_j, ṽ_j, p_j)."""
+
+  features: chex.Array  # (|D|, d_R)
+  norms: chex.Array  # (|D|,)
+  probs: chex.Array  # (|D|,)
+  position: chex.Array  # int32, next slot to write
+  size: chex.Array  # int32, number of slots written (≤ |D|)
+
+
+@struct.dataclass
+class PendingSolve:
+  """The inputs of the (PT) solve in flight, applied at step ``due``."""
+
+  features: chex.Array
+  norms: chex.Array
+  probs: chex.Array
+  feature_sum: chex.Array  # S at submission
+  init_c: chex.Array  # warm start
+  init_d: chex.Array
+  due: chex.Array  # int32 step of delivery, -1 when none is in flight
+
+
+@struct.dataclass
+class Diagnostics:
+  pt_solves: chex.Array  # int32: solves applied
+  pt_failures: chex.Array  # int32: solves rejected (error or non-finite)
+  pt_iterations: chex.Array  # int32: of the last solve
+  pt_converged: chex.Array  # bool: of the last solve
+  pt_objective: chex.Array  # ⟨d, S⟩ of the last solve
+  nonfinite_norms: chex.Array  # int32: measurements skipped
+
+  @classmethod
+  def zeros(cls) -> "Diagnostics":
+    i0 = jnp.zeros((), jnp.int32)
+    return cls(i0, i0, i0, jnp.zeros((), bool), jnp.zeros((), jnp.float32), i0)
+
+
+@struct.dataclass
+class SamplerState:
+  features: PyTree
+  tree_a: sum_tree.SumTree
+  tree_b: sum_tree.SumTree
+  c: chex.Array  # (d_R,)
+  d: chex.Array  # (d_R,)
+  fitted: chex.Array  # bool: (c, d) define the distribution (else uniform)
+  records: Records
+  pending: PendingSolve
+  moments: gain_ratio_lib.GainRatioState
+  step: chex.Array  # int32 number of updates
+  diagnostics: Diagnostics
+
+
+class Sample(NamedTuple):
+  indices: chex.Array  # (m,) int32
+  probs: chex.Array  # (m,) p_k
+  weights: chex.Array  # (m,) 1 / (n p_k)
+
+
+class Sampler(NamedTuple):
+  """Pure functions over a :class:`SamplerState` (like an optax transform).
+
+  * ``init()`` → state.
+  * ``sample(state, key)`` → :class:`Sample` of m indices.
+  * ``update(state, sample, norms, *, grad_sq_norm, grad_halves_inner=None)``
+    → state after measuring the sampled examples' gradient norms.
+  * ``gain_ratio(state)`` → r ∈ [1, r_max].
+  * ``probabilities(state)`` → p over all n examples (O(n); for analysis).
+  * ``set_parameters(state, c, d)`` → state sampling from the robust
+    distribution of (c, d) (trees rebuilt, O(n)); e.g. to warm-start a run.
+  * ``refresh(state, norms)`` → state; oracle samplers only: p ∝ norms.
+  """
+
+  init: Callable[[], SamplerState]
+  sample: Callable[[SamplerState, chex.PRNGKey], Sample]
+  update: Callable[..., SamplerState]
+  gain_ratio: Callable[[SamplerState], chex.Array]
+  probabilities: Callable[[SamplerState], chex.Array]
+  set_parameters: Callable[[SamplerState, chex.Array, chex.Array], SamplerState]
+  refresh: Optional[Callable[[SamplerState, chex.Array], SamplerState]]
+  num_examples: int
+  batch_size: int
+  feature_names: tuple[str, ...]
+
+
+class _AsyncPT:
+  """Runs (PT) solves on a background thread, keyed by ticket and content.
+
+  The key includes a digest of the snapshot, so two runs that share a sampler
+  never read each other's results, and a fetch with no matching submission
+  (e.g. after restoring a checkpoint in a new process) solves on the spot.
+  """
+
+  _MAX_IN_FLIGHT = 16
+
+  def __init__(self, solve: Callable[..., tuple]):
+    self._solve = solve
+    self._executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="rais-pt")
+    self._futures: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  @staticmethod
+  def _key(args) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in args:
+      h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+  def _safe_solve(self, *args):
+    try:
+      out = self._solve(*args)
+      return jax.tree.map(np.asarray, out)
+    except Exception:  # pylint: disable=broad-except
+      return None  # reported as a failed solve by ``fetch``
+
+  def submit(self, *args) -> np.ndarray:
+    args = tuple(np.asarray(a) for a in args)
+    key = self._key(args)
+    with self._lock:
+      if key not in self._futures:
+        self._futures[key] = self._executor.submit(self._safe_solve, *args)
+      while len(self._futures) > self._MAX_IN_FLIGHT:
+        self._futures.popitem(last=False)
+    return np.zeros((), np.int32)
+
+  def fetch(self, *args):
+    args = tuple(np.asarray(a) for a in args)
+    key = self._key(args)
+    with self._lock:
+      future = self._futures.pop(key, None)
+    out = future.result() if future is not None else self._safe_solve(*args)
+    if out is None:
+      d_r = args[0].shape[1]
+      nan = np.full((d_r,), np.nan, np.float32)
+      out = (nan, nan, PTInfo(iterations=np.int32(0), converged=np.bool_(False),
+                              objective=np.float32(np.nan),
+                              constraint=np.float32(np.nan),
+                              step_norm=np.float32(np.nan), ok=np.bool_(False)))
+    return out
+
+
+def _records_init(buffer_size: int, num_features: int) -> Records:
+  return Records(features=jnp.zeros((buffer_size, num_features), jnp.float32),
+                 norms=jnp.zeros((buffer_size,), jnp.float32),
+                 probs=jnp.ones((buffer_size,), jnp.float32),
+                 position=jnp.zeros((), jnp.int32),
+                 size=jnp.zeros((), jnp.int32))
+
+
+def _records_push(records: Records, features, norms, probs, valid) -> Records:
+  """Appends the valid rows, overwriting the oldest once full."""
+  cap = records.norms.shape[0]
+  rank = jnp.cumsum(valid) - 1
+  slot = jnp.where(valid, (records.position + rank) % cap, cap)  # cap: dropped
+  put = lambda buf, x: buf.at[slot].set(x.astype(buf.dtype), mode="drop")
+  count = valid.sum(dtype=jnp.int32)
+  return Records(features=put(records.features, features),
+                 norms=put(records.norms, norms),
+                 probs=put(records.probs, probs),
+                 position=(records.position + count) % cap,
+                 size=jnp.minimum(records.size + count, cap))
+
+
+def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
+                  buffer_size: int, pt_period: int, pt_delay: int,
+                  pt_mode: str, pt_max_iters: int, ema_rate: float,
+                  r_max: Optional[float], scale_free: bool,
+                  use_gain_ratio: bool, measure: bool = True,
+                  initial_cd: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                  fitted_at_init: bool = False) -> Sampler:
+  n = feature_map.num_examples
+  m = batch_size
+  d_r = feature_map.num_features
+  pt_enabled = pt_period > 0
+  solve = lambda f, v, p, s, c, d: solve_pt(f, v, p, s, init=(c, d),
+                                             max_iters=pt_max_iters)
+  async_pt = _AsyncPT(jax.jit(solve)) if pt_enabled and pt_mode == "async" else None
+
+  def trees_for(features_state, c, d):
+    a, b = robust.centres_and_widths(c, d, feature_map.compute(features_state, None))
+    return sum_tree.build(a), sum_tree.build(b)
+
+  def init() -> SamplerState:
+    fstate = feature_map.init()
+    c, d = (jnp.zeros((d_r,), jnp.float32),) * 2
+    if initial_cd is not None:
+      c, d = (jnp.asarray(x, jnp.float32) for x in initial_cd)
+    tree_a, tree_b = trees_for(fstate, c, d)
+    records = _records_init(buffer_size, d_r)
+    pending = PendingSolve(
+        features=records.features, norms=records.norms, probs=records.probs,
+        feature_sum=jnp.zeros((d_r,), jnp.float32), init_c=c, init_d=d,
+        due=jnp.full((), -1, jnp.int32))
+    return SamplerState(
+        features=fstate, tree_a=tree_a, tree_b=tree_b, c=c, d=d,
+        fitted=jnp.asarray(fitted_at_init), records=records, pending=pending,
+        moments=gain_ratio_lib.init(), step=jnp.zeros((), jnp.int32),
+        diagnostics=Diagnostics.zeros())
+
+  def mixture(state: SamplerState):
+    """(A, k, A + kB, whether the robust distribution is usable)."""
+    a_total = sum_tree.total(state.tree_a)
+    k = robust.mixture_scale(sum_tree.total(state.tree_b))
+    mass = a_total + k * sum_tree.total(state.tree_b)
+    usable = state.fitted & (mass > 0) & jnp.isfinite(mass)
+    return a_total, k, mass, usable
+
+  def probs_from_leaves(a, b, k, mass, usable):
+    robust_p = (1.0 - floor) * (a + k * b) / jnp.where(usable, mass, 1.0) + floor / n
+    return jnp.where(usable, robust_p, 1.0 / n)
+
+  def sample(state: SamplerState, key: chex.PRNGKey) -> Sample:
+    a_total, k, mass, usable = mixture(state)
+    key_mix, key_a, key_b, key_u = jax.random.split(key, 4)
+    from_a = sum_tree.sample(state.tree_a, key_a, (m,))
+    from_b = sum_tree.sample(state.tree_b, key_b, (m,))
+    from_u = jax.random.randint(key_u, (m,), 0, n, jnp.int32)
+    # Mixture component per draw: u < ε → uniform; then tree a, then tree b.
+    u = jax.random.uniform(key_mix, (m,))
+    share_a = (1.0 - floor) * a_total / jnp.where(usable, mass, 1.0)
+    idx = jnp.where(u < floor, from_u,
+                    jnp.where(u < floor + share_a, from_a, from_b))
+    idx = jnp.where(usable, idx, from_u)
+    p = probs_from_leaves(sum_tree.leaves(state.tree_a, idx),
+                          sum_tree.leaves(state.tree_b, idx), k, mass, usable)
+    return Sample(indices=idx, probs=p, weights=1.0 / (n * p))
+
+  def probabilities(state: SamplerState) -> chex.Array:
+    _, k, mass, usable = mixture(state)
+    all_idx = jnp.arange(n)
+    return probs_from_leaves(sum_tree.leaves(state.tree_a, all_idx),
+                             sum_tree.leaves(state.tree_b, all_idx), k, mass, usable)
+
+  def deliver(state: SamplerState) -> SamplerState:
+    pend = state.pending
+    args = (pend.features, pend.norms, pend.probs, pend.feature_sum,
+            pend.init_c, pend.init_d)
+    if async_pt is not None:
+      shapes = jax.eval_shape(solve, *args)
+      c, d, info = io_callback(async_pt.fetch, shapes, *args)
+    else:
+      c, d, info = solve(*args)
+    ok = info.ok & jnp.all(c >= 0) & jnp.all(d >= 0)
+    state = jax.lax.cond(ok, lambda s: set_parameters(s, c, d), lambda s: s,
+                         state)
+    diag = state.diagnostics
+    diag = diag.replace(
+        pt_solves=diag.pt_solves + ok.astype(jnp.int32),
+        pt_failures=diag.pt_failures + (~ok).astype(jnp.int32),
+        pt_iterations=info.iterations.astype(jnp.int32),
+        pt_converged=info.converged.astype(bool),
+        pt_objective=info.objective.astype(jnp.float32))
+    return state.replace(diagnostics=diag, pending=pend.replace(due=jnp.full((), -1, jnp.int32)))
+
+  def set_parameters(state: SamplerState, c: chex.Array,
+                     d: chex.Array) -> SamplerState:
+    c, d = jnp.asarray(c, jnp.float32), jnp.asarray(d, jnp.float32)
+    chex.assert_shape([c, d], (d_r,))
+    tree_a, tree_b = trees_for(state.features, c, d)
+    return state.replace(c=c, d=d, tree_a=tree_a, tree_b=tree_b,
+                         fitted=jnp.ones((), bool))
+
+  def submit(state: SamplerState) -> SamplerState:
+    rec = state.records
+    feature_sum = feature_map.compute(state.features, None).sum(0)
+    pending = PendingSolve(features=rec.features, norms=rec.norms,
+                           probs=rec.probs, feature_sum=feature_sum,
+                           init_c=state.c, init_d=state.d,
+                           due=state.step + pt_delay)
+    if async_pt is not None:
+      token = io_callback(
+          async_pt.submit, jax.ShapeDtypeStruct((), jnp.int32),
+          pending.features, pending.norms, pending.probs, pending.feature_sum,
+          pending.init_c, pending.init_d)
+      # Tie the callback into the state so it is never dead-code eliminated.
+      pending = pending.replace(due=pending.due + token)
+    return state.replace(pending=pending)
+
+  def update(state: SamplerState, sample_: Sample, norms: chex.Array, *,
+             grad_sq_norm: chex.Array,
+             grad_halves_inner: Optional[chex.Array] = None) -> SamplerState:
+    chex.assert_shape(norms, (m,))
+    if not measure:
+      return state.replace(step=state.step + 1)
+    idx, p = sample_.indices, sample_.probs
+    norms = norms.astype(jnp.float32)
+    valid = jnp.isfinite(norms) & (norms >= 0)
+    clean = jnp.where(valid, norms, 0.0)
+    features_before = feature_map.compute(state.features, idx)
+    records = _records_push(state.records, features_before, clean, p, valid)
+    fstate = feature_map.update(state.features, idx, clean, valid)
+    a, b = robust.centres_and_widths(state.c, state.d, feature_map.compute(fstate, idx))
+    moments = state.moments
+    if use_gain_ratio:
+      moments = gain_ratio_lib.update(
+          moments, norms, p, n, grad_sq_norm,
+          grad_halves_inner=grad_halves_inner, alpha=ema_rate)
+    diag = state.diagnostics
+    state = state.replace(
+        features=fstate, records=records, moments=moments, step=state.step + 1,
+        tree_a=sum_tree.update(state.tree_a, idx, a),
+        tree_b=sum_tree.update(state.tree_b, idx, b),
+        diagnostics=diag.replace(
+            nonfinite_norms=diag.nonfinite_norms + (~valid).sum(dtype=jnp.int32)))
+    if pt_enabled:
+      state = jax.lax.cond(state.pending.due == state.step, deliver,
+                           lambda s: s, state)
+      state = jax.lax.cond(state.step % pt_period == 0, submit,
+                           lambda s: s, state)
+    return state
+
+  def gain_ratio(state: SamplerState) -> chex.Array:
+    if not use_gain_ratio:
+      return jnp.ones((), jnp.float32)
+    return gain_ratio_lib.estimate(state.moments, m, alpha=ema_rate,
+                                   r_max=r_max, scale_free=scale_free)
+
+  def refresh(state: SamplerState, norms: chex.Array) -> SamplerState:
+    chex.assert_shape(norms, (n,))
+    valid = jnp.isfinite(norms) & (norms >= 0)
+    fstate = jnp.where(valid, norms.astype(jnp.float32), 0.0)
+    tree_a, tree_b = trees_for(fstate, state.c, state.d)
+    diag = state.diagnostics
+    return state.replace(
+        features=fstate, tree_a=tree_a, tree_b=tree_b,
+        diagnostics=diag.replace(
+            nonfinite_norms=diag.nonfinite_norms + (~valid).sum(dtype=jnp.int32)))
+
+  return Sampler(init=init, sample=sample, update=update, gain_ratio=gain_ratio,
+                 probabilities=probabilities, set_parameters=set_parameters,
+                 refresh=refresh if fitted_at_init else None,
+                 num_examples=n, batch_size=m,
+                 feature_names=tuple(feature_map.names))
+
+
+def _check_common(num_examples: int, batch_size: int, floor: float) -> None:
+  if num_examples < 1:
+    raise ValueError(f"the dataset must have n ≥ 1 examples; got {num_examples}.")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be ≥ 1; got {batch_size}.")
+  if not 0.0 < floor <= 1.0:
+    raise ValueError(
+        f"floor must lie in (0, 1]: every p_i needs a uniform floor ε/n > 0 "
+        f"for the importance weights to stay unbiased; got {floor}.")
+
+
+def rais_sampler(features: FeatureMap, *, batch_size: int,
+                 buffer_size: Optional[int] = None, floor: float = 1e-3,
+                 pt_period: Optional[int] = None,
+                 pt_delay: Optional[int] = None, pt_mode: str = "async",
+                 pt_max_iters: int = 1000, ema_rate: float = 0.01,
+                 r_max: Optional[float] = None,
+                 scale_free: bool = False) -> Sampler:
+  """Robust, approximate importance sampling (RAIS).
+
+  Args:
+    features: the per-example :class:`~rais_jax.features.FeatureMap`.
+    batch_size: m, the number of indices per step.
+    buffer_size: |D|, default min(n, 65536).
+    floor: ε, the uniform share of the sampling mass.
+    pt_period: steps between (PT) solves, default ⌈|D|/m⌉ (one refill of D).
+    pt_delay: steps from a solve's submission to its application, in
+      [1, pt_period]; default max(1, pt_period // 2).
+    pt_mode: ``"async"`` (background thread via ``io_callback``) or ``"sync"``
+      (in-graph). Both give identical runs.
+    pt_max_iters: iteration cap of each solve.
+    ema_rate: α of the gain-ratio moving averages.
+    r_max: upper clip of the gain ratio, default m.
+    scale_free: estimate the gain ratio from proxy norms (then ``update``
+      needs ``grad_halves_inner``).
+
+  Returns:
+    A :class:`Sampler`.
+  """
+  n = features.num_examples
+  _check_common(n, batch_size, floor)
+  buffer_size = min(n, 65536) if buffer_size is None else buffer_size
+  if buffer_size < 1:
+    raise ValueError(f"buffer_size must be ≥ 1; got {buffer_size}.")
+  period = -(-buffer_size // batch_size) if pt_period is None else pt_period
+  if period < 1:
+    raise ValueError(f"pt_period must be ≥ 1; got {period}.")
+  if period * batch_size < buffer_size:
+    raise ValueError(
+        f"pt_period ({period}) × batch_size ({batch_size}) must be ≥ "
+        f"buffer_size ({buffer_size}) so that D is full at each solve.")
+  delay = max(1, period // 2) if pt_delay is None else pt_delay
+  if not 1 <= delay <= period:
+    raise ValueError(f"pt_delay must lie in [1, pt_period={period}]; got {delay}.")
+  if pt_mode not in ("async", "sync"):
+    raise ValueError(f"pt_mode must be 'async' or 'sync'; got {pt_mode!r}.")
+  return _make_sampler(
+      features, batch_size=batch_size, floor=floor, buffer_size=buffer_size,
+      pt_period=period, pt_delay=delay, pt_mode=pt_mode,
+      pt_max_iters=pt_max_iters, ema_rate=ema_rate, r_max=r_max,
+      scale_free=scale_free, use_gain_ratio=True)
+
+
+def uniform_sampler(num_examples: int, *, batch_size: int) -> Sampler:
+  """Plain uniform sampling with replacement and gain ratio 1 (U-SGD).
+
+  Its ``update`` only counts steps: the measured norms are ignored.
+  """
+  _check_common(num_examples, batch_size, 1.0)
+  return _make_sampler(
+      _constant_feature(num_examples), batch_size=batch_size, floor=1.0,
+      buffer_size=1, pt_period=0, pt_delay=0, pt_mode="sync", pt_max_iters=0,
+      ema_rate=0.01, r_max=None, scale_free=False, use_gain_ratio=False,
+      measure=False)
+
+
+def oracle_sampler(num_examples: int, *, batch_size: int, floor: float = 1e-3,
+                   ema_rate: float = 0.01, r_max: Optional[float] = None,
+                   scale_free: bool = False) -> Sampler:
+  """O-SGD: p_i ∝ v_i (with the floor) from exact norms of all n examples.
+
+  Sampling is uniform until the first ``refresh(state, norms)`` with the
+  (n,) exact norms; call it again on whatever period you choose. Norms
+  that go stale between refreshes make the importance weights of examples whose
+  gradients grew very large (up to n/ε), so refresh often.
+  ``scale_free`` as for :func:`rais_sampler` (set it with proxy step norms).
+  """
+  _check_common(num_examples, batch_size, floor)
+  oracle = FeatureMap(
+      num_examples=num_examples, names=("oracle norm",),
+      init=lambda: jnp.zeros((num_examples,), jnp.float32),
+      compute=lambda s, idx=None: (s if idx is None else s[idx])[..., None],
+      update=lambda s, idx, norms, valid: s)
+  return _make_sampler(
+      oracle, batch_size=batch_size, floor=floor, buffer_size=1, pt_period=0,
+      pt_delay=0, pt_mode="sync", pt_max_iters=0, ema_rate=ema_rate,
+      r_max=r_max, scale_free=scale_free, use_gain_ratio=True,
+      initial_cd=(np.ones((1,), np.float32), np.zeros((1,), np.float32)),
+      fitted_at_init=True)
+
+
+def _constant_feature(n: int) -> FeatureMap:
+  return FeatureMap(
+      num_examples=n, names=("constant",), init=lambda: jnp.zeros((), jnp.int32),
+      compute=lambda s, idx=None: jnp.ones(((n if idx is None else idx.shape[0]), 1)),
+      update=lambda s, idx, norms, valid: s)

@@ -1,0 +1,198 @@
+"""One jit-able training step that composes sampling, norms, (PT) and optax.
+
+The same loop runs U-SGD, RAIS-SGD and O-SGD; only the sampler differs:
+
+    state, metrics = step(state, key, data)
+
+draws m indices from the sampler, gathers the batch from ``data`` (a pytree
+with leading axis n, kept on device), computes the importance-weighted
+minibatch gradient g_R = (1/m) Σ_k w_k ∇f_k with w_k = 1/(n p_k), measures
+per-example gradient norms (the softmax-logit proxy, free with the forward
+pass, or exact ones), updates the sampler, and applies the optimizer with the
+gain ratio r as the ``gain_ratio`` extra argument. ``step`` is pure, so it can
+be wrapped in ``jax.jit`` or driven by ``jax.lax.scan``.
+
+The model is given as ``model_fn(params, batch) -> outputs`` and
+``loss_head(outputs, batch) -> (m,)`` per-example losses; their composition is
+the ``loss_fn(params, batch)`` that the rest of the library takes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from rais_jax import norms as norms_lib
+from rais_jax.sampler import Sampler, SamplerState
+
+PyTree = Any
+ModelFn = Callable[[PyTree, PyTree], chex.Array]
+LossHead = Callable[[chex.Array, PyTree], chex.Array]
+
+
+@struct.dataclass
+class TrainState:
+  params: PyTree
+  opt_state: optax.OptState
+  sampler: SamplerState
+
+
+class StepMetrics(NamedTuple):
+  loss: chex.Array  # importance-weighted minibatch loss
+  gain_ratio: chex.Array  # r used for this step's learning rate
+  grad_sq_norm: chex.Array  # ‖g_R‖²
+
+
+def softmax_cross_entropy_head(label_key: str = "label") -> LossHead:
+  """Per-example softmax cross-entropy against ``batch[label_key]``."""
+
+  def head(logits: chex.Array, batch: PyTree) -> chex.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch[label_key])
+
+  return head
+
+
+def init_train_state(params: PyTree, optimizer: optax.GradientTransformation,
+                     sampler: Sampler) -> TrainState:
+  return TrainState(params=params, opt_state=optimizer.init(params),
+                    sampler=sampler.init())
+
+
+def _gather(data: PyTree, indices: chex.Array) -> PyTree:
+  return jax.tree.map(lambda x: x[indices], data)
+
+
+def _chunked_map(fn: Callable[[PyTree], PyTree], data: PyTree,
+                 chunk_size: int) -> PyTree:
+  """``fn`` over all n examples in chunks (padded by wrapping), outputs (n, ...)."""
+  n = norms_lib.batch_size_of(data)
+  pad = (-n) % chunk_size
+  padded = jax.tree.map(
+      lambda x: jnp.concatenate([x, x[:pad]]) if pad else x, data)
+  chunks = jax.tree.map(
+      lambda x: x.reshape((-1, chunk_size) + x.shape[1:]), padded)
+  out = jax.lax.map(fn, chunks)
+  return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], out)
+
+
+def make_train_step(model_fn: ModelFn, loss_head: LossHead,
+                    optimizer: optax.GradientTransformationExtraArgs,
+                    sampler: Sampler, *, norms: Optional[str] = "proxy",
+                    oracle_period: Optional[int] = None,
+                    oracle_chunk_size: Optional[int] = None
+                    ) -> Callable[[TrainState, chex.PRNGKey, PyTree],
+                                  tuple[TrainState, StepMetrics]]:
+  """Builds ``step(state, key, data) -> (state, metrics)``.
+
+  Args:
+    model_fn: ``(params, batch) -> outputs`` (e.g. logits).
+    loss_head: ``(outputs, batch) -> (m,)`` per-example losses.
+    optimizer: an optax transformation taking the ``gain_ratio`` extra
+      argument, e.g. :func:`rais_jax.rais_sgd`.
+    sampler: from :func:`rais_jax.rais_sampler`, :func:`uniform_sampler` or
+      :func:`oracle_sampler`.
+    norms: how u_k is measured: ``"proxy"`` (‖∂f_k/∂outputs_k‖, from the same
+      backward pass, split into two half-batches for the scale-free gain
+      ratio; m must be even), ``"exact"`` (``per_example_grad_norms``), or
+      None (no measurement, for U-SGD).
+    oracle_period: for an oracle sampler, refresh the exact norms of all n
+      examples every this many steps (default 1: the true oracle; each
+      refresh costs n per-example gradients).
+    oracle_chunk_size: examples per chunk in that refresh (default m).
+
+  Returns:
+    The step function.
+  """
+  if norms not in ("proxy", "exact", None):
+    raise ValueError(f"norms must be 'proxy', 'exact' or None; got {norms!r}.")
+  m, n = sampler.batch_size, sampler.num_examples
+  if norms == "proxy" and m % 2:
+    raise ValueError(
+        f"norms='proxy' splits each batch into two halves to estimate ‖∇F‖²; "
+        f"batch_size must be even, got {m}.")
+  oracle_period = 1 if oracle_period is None else oracle_period
+  oracle_chunk = m if oracle_chunk_size is None else oracle_chunk_size
+
+  def loss_fn(params, batch):
+    return loss_head(model_fn(params, batch), batch)
+
+  def weighted_loss(params, shift, batch, weights):
+    losses = loss_head(model_fn(params, batch) + shift, batch)
+    return jnp.sum(weights * losses) / m, losses
+
+  def proxy_grads(params, batch, weights):
+    """Gradient, proxy norms and ⟨g_A, g_B⟩ from one batched backward pass."""
+    halves = jax.tree.map(lambda x: x.reshape((2, m // 2) + x.shape[1:]), batch)
+    out_shape = jax.eval_shape(model_fn, params, batch)
+    shift = jnp.zeros((2, m // 2) + out_shape.shape[1:], out_shape.dtype)
+    grad_fn = jax.grad(weighted_loss, argnums=(0, 1), has_aux=True)
+    (g2, shift_grads), losses = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0))(
+        params, shift, halves, weights.reshape(2, m // 2))
+    grads = jax.tree.map(lambda g: g[0] + g[1], g2)
+    # Each half's mean gradient is 2 g2[i]; their inner product is unbiased
+    # for ‖∇F‖² because the halves are independent draws.
+    inner = 4.0 * sum(jnp.vdot(g[0], g[1]) for g in jax.tree.leaves(g2))
+    # ∂(Σ w f / m)/∂z_k = (w_k/m) ∂f_k/∂z_k.
+    u = (jnp.linalg.norm(shift_grads.reshape(m, -1), axis=-1) * m
+         / weights)
+    return grads, u, inner, losses.reshape(m)
+
+  def refresh_oracle(sampler_state: SamplerState, params, data) -> SamplerState:
+    all_norms = _chunked_map(
+        lambda b: norms_lib.per_example_grad_norms(loss_fn, params, b), data,
+        oracle_chunk)
+    return sampler.refresh(sampler_state, all_norms)
+
+  def step(state: TrainState, key: chex.PRNGKey, data: PyTree
+           ) -> tuple[TrainState, StepMetrics]:
+    sampler_state = state.sampler
+    if sampler.refresh is not None:
+      sampler_state = jax.lax.cond(
+          sampler_state.step % oracle_period == 0,
+          lambda s: refresh_oracle(s, state.params, data), lambda s: s,
+          sampler_state)
+    sample = sampler.sample(sampler_state, key)
+    batch = _gather(data, sample.indices)
+    w = sample.weights
+    inner = None
+    if norms == "proxy":
+      grads, u, inner, losses = proxy_grads(state.params, batch, w)
+    else:
+      (_, losses), grads = jax.value_and_grad(
+          lambda p: weighted_loss(p, 0.0, batch, w), has_aux=True)(state.params)
+      u = (norms_lib.per_example_grad_norms(loss_fn, state.params, batch)
+           if norms == "exact" else jnp.zeros((m,), jnp.float32))
+    grad_sq_norm = optax.tree_utils.tree_l2_norm(grads, squared=True)
+    # r comes from past steps only, so this step's noise does not set its own
+    # learning rate.
+    r = sampler.gain_ratio(sampler_state)
+    sampler_state = sampler.update(sampler_state, sample, u,
+                                   grad_sq_norm=grad_sq_norm,
+                                   grad_halves_inner=inner)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
+                                          gain_ratio=r)
+    params = optax.apply_updates(state.params, updates)
+    metrics = StepMetrics(loss=jnp.mean(w * losses), gain_ratio=r,
+                          grad_sq_norm=grad_sq_norm)
+    return TrainState(params=params, opt_state=opt_state,
+                      sampler=sampler_state), metrics
+
+  return step
+
+
+def evaluate(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
+             data: PyTree, *, label_key: str = "label",
+             chunk_size: int = 1024) -> dict[str, chex.Array]:
+  """Mean loss and accuracy over all of ``data`` (uniform weights)."""
+  def chunk(batch):
+    out = model_fn(params, batch)
+    return loss_head(out, batch), jnp.argmax(out, -1) == batch[label_key]
+
+  losses, correct = _chunked_map(chunk, data, chunk_size)
+  return {"loss": losses.mean(), "accuracy": correct.mean()}

@@ -1,0 +1,100 @@
+"""Optax transformations that turn a gain ratio into a larger learning rate.
+
+RAIS-SGD uses η_t = r_t · lr(τ_t), where r_t is the gain ratio and
+τ_t = Σ_{t' < t} r_{t'} counts *equivalent* iterations: steps with r-times less
+gradient variance are worth r plain steps, so the schedule advances r times as
+fast. ``epochs equivalent`` = τ · m / n.
+
+Reference: Johnson & Guestrin, NeurIPS 2018, §5.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class ScaleByGainRatioState(NamedTuple):
+  """Step count and τ, the number of equivalent iterations taken so far."""
+
+  count: chex.Array  # int32
+  tau: chex.Array  # float32
+
+
+def scale_by_gain_ratio(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    flip_sign: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """Scales updates by −r_t · lr(τ_t) (by r_t · lr(τ_t) if not ``flip_sign``).
+
+  Use it where ``optax.scale_by_learning_rate`` would go, e.g.
+  ``optax.chain(optax.trace(0.9), scale_by_gain_ratio(schedule))`` is SGD with
+  momentum whose learning rate is raised by r and whose schedule is indexed by
+  τ. ``learning_rate=1.0, flip_sign=False`` turns it into a pure rescaling by r,
+  to put after any complete optimizer such as ``optax.sgd(lr, momentum=0.9)``
+  (the schedule of that optimizer then counts plain steps).
+
+  The gain ratio is the keyword extra argument ``gain_ratio`` of ``update``
+  (default 1, i.e. plain SGD).
+
+  Args:
+    learning_rate: a scalar or an ``optax.Schedule`` evaluated at τ.
+    flip_sign: whether to negate, as gradient *descent* needs.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  sign = -1.0 if flip_sign else 1.0
+
+  def init_fn(params: optax.Params) -> ScaleByGainRatioState:
+    del params
+    return ScaleByGainRatioState(count=jnp.zeros((), jnp.int32),
+                                 tau=jnp.zeros((), jnp.float32))
+
+  def update_fn(updates: optax.Updates, state: ScaleByGainRatioState,
+                params: Optional[optax.Params] = None, *,
+                gain_ratio: chex.Numeric = 1.0,
+                **extra_args: Any) -> tuple[optax.Updates, ScaleByGainRatioState]:
+    del params, extra_args
+    r = jnp.asarray(gain_ratio, jnp.float32)
+    lr = learning_rate(state.tau) if callable(learning_rate) else learning_rate
+    step_size = sign * r * lr
+    updates = jax.tree.map(
+        lambda u: (step_size * u).astype(u.dtype), updates)
+    return updates, ScaleByGainRatioState(
+        count=optax.safe_increment(state.count), tau=state.tau + r)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def rais_sgd(learning_rate: optax.ScalarOrSchedule, momentum: Optional[float] = None,
+             nesterov: bool = False) -> optax.GradientTransformationExtraArgs:
+  """SGD (optionally with momentum) whose learning rate is r_t · lr(τ_t).
+
+  The same as ``optax.sgd`` except that the learning rate is scaled by the
+  ``gain_ratio`` extra argument and the schedule is indexed by τ. Works under
+  ``optax.inject_hyperparams``.
+  """
+  return optax.chain(
+      optax.trace(decay=momentum, nesterov=nesterov)
+      if momentum is not None else optax.identity(),
+      scale_by_gain_ratio(learning_rate))
+
+
+def equivalent_iterations(opt_state: optax.OptState) -> chex.Array:
+  """τ stored by the (first) :func:`scale_by_gain_ratio` inside ``opt_state``."""
+  taus = optax.tree_utils.tree_get_all_with_path(opt_state, "tau")
+  if not taus:
+    raise ValueError("opt_state holds no scale_by_gain_ratio state (no 'tau').")
+  return taus[0][1]
+
+
+def epochs_equivalent(opt_state: optax.OptState, batch_size: int,
+                      num_examples: int) -> chex.Array:
+  """τ · m / n: how many epochs of plain SGD the run so far is worth."""
+  return equivalent_iterations(opt_state) * batch_size / num_examples

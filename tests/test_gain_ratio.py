@@ -1,0 +1,74 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rais_jax import gain_ratio
+
+
+def _problem(n=200, dim=5, m=16, seed=0):
+  rng = np.random.default_rng(seed)
+  grads = rng.normal(0.3, 1.0, (n, dim)) * rng.lognormal(0, 1.0, (n, 1))
+  v = np.linalg.norm(grads, axis=1)
+  p = 0.8 * v / v.sum() + 0.2 / n
+  full = grads.mean(0)
+  f2 = full @ full
+  u1 = np.mean(v**2)  # E‖g_U1‖²
+  r1 = np.sum(v**2 / p) / n**2  # E‖g_R1‖²
+  exact_r = (f2 + (u1 - f2) / m) / (f2 + (r1 - f2) / m)
+  return (jnp.asarray(grads, jnp.float32), jnp.asarray(p, jnp.float32),
+          jnp.asarray(v, jnp.float32), exact_r)
+
+
+def _simulate(grads, p, v, m, *, proxy_scale=None, steps=40_000, alpha=1e-3):
+  n = grads.shape[0]
+
+  def step(state, key):
+    idx = jax.random.choice(key, n, (m,), p=p)
+    w = 1.0 / (n * p[idx])
+    g = w[:, None] * grads[idx]
+    g_r = g.mean(0)
+    inner = jnp.vdot(g[: m // 2].mean(0), g[m // 2:].mean(0))
+    u = v[idx] if proxy_scale is None else proxy_scale * v[idx]
+    state = gain_ratio.update(state, u, p[idx], n, jnp.vdot(g_r, g_r),
+                              grad_halves_inner=inner, alpha=alpha)
+    return state, None
+
+  keys = jax.random.split(jax.random.key(0), steps)
+  state, _ = jax.jit(lambda k: jax.lax.scan(step, gain_ratio.init(), k))(keys)
+  return state
+
+
+@pytest.mark.parametrize("proxy_scale", [None, 7.0])
+def test_matches_exact_ratio(proxy_scale):
+  m = 16
+  grads, p, v, exact_r = _problem(m=m)
+  assert exact_r > 1.3  # the problem is non-trivial
+  alpha = 1e-3
+  state = _simulate(grads, p, v, m, proxy_scale=proxy_scale, alpha=alpha)
+  r = float(gain_ratio.estimate(state, m, alpha=alpha,
+                                scale_free=proxy_scale is not None))
+  # The EMA averages ~1/α = 1000 steps of heavy-tailed moment estimates; the
+  # same simulation over 20 seeds had relative errors of r up to 1.5% (exact
+  # norms) and 1.9% (scale-free, which also estimates ‖∇F‖²): 4% is > 2x that.
+  tol = 0.04
+  np.testing.assert_allclose(r, exact_r, rtol=tol)
+
+
+def test_uniform_sampling_gives_one_and_clipping():
+  n, m = 50, 8
+  norms = jnp.linspace(0.1, 3, m)
+  state = gain_ratio.update(gain_ratio.init(), norms, jnp.full((m,), 1 / n), n,
+                            jnp.array(2.0))
+  np.testing.assert_allclose(gain_ratio.estimate(state, m), 1.0, rtol=1e-5)
+  # Û ≫ R̂ would give r > m: clipped to r_max.
+  state = gain_ratio.update(gain_ratio.init(), jnp.ones(m), jnp.full((m,), 1.0), n,
+                            jnp.array(1e-6))
+  assert float(gain_ratio.estimate(state, m, r_max=4.0)) == 4.0
+
+
+def test_nonfinite_step_is_skipped():
+  state = gain_ratio.update(gain_ratio.init(), jnp.array([1.0, jnp.nan]),
+                            jnp.array([0.5, 0.5]), 2, jnp.array(1.0))
+  assert int(state.count) == 0 and int(state.skipped) == 1
+  assert float(gain_ratio.estimate(state, 2)) == 1.0
