@@ -78,7 +78,7 @@ def per_example_grad_norms(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
   def one(example):
     single = jax.tree.map(lambda x: x[None], example)
     grads = jax.grad(lambda p: loss_fn(p, single)[0])(params)
-    return optax.global_norm(grads)
+    return optax.tree.norm(grads)
 
   if chunk_size is None:
     return jax.vmap(one)(batch)

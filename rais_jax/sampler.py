@@ -228,6 +228,11 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
   solve = lambda f, v, p, s, c, d: solve_pt(f, v, p, s, init=(c, d),
                                              max_iters=pt_max_iters)
   async_pt = _AsyncPT(jax.jit(solve)) if pt_enabled and pt_mode == "async" else None
+  vector, scalar = (jax.ShapeDtypeStruct(s, jnp.float32) for s in ((d_r,), ()))
+  result_shapes = (vector, vector, PTInfo(
+      iterations=jax.ShapeDtypeStruct((), jnp.int32),
+      converged=jax.ShapeDtypeStruct((), bool), objective=scalar,
+      constraint=scalar, step_norm=scalar, ok=jax.ShapeDtypeStruct((), bool)))
 
   def trees_for(features_state, c, d):
     a, b = robust.centres_and_widths(c, d, feature_map.compute(features_state, None))
@@ -289,8 +294,7 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
     args = (pend.features, pend.norms, pend.probs, pend.feature_sum,
             pend.init_c, pend.init_d)
     if async_pt is not None:
-      shapes = jax.eval_shape(solve, *args)
-      c, d, info = io_callback(async_pt.fetch, shapes, *args)
+      c, d, info = io_callback(async_pt.fetch, result_shapes, *args)
     else:
       c, d, info = solve(*args)
     ok = info.ok & jnp.all(c >= 0) & jnp.all(d >= 0)

@@ -72,11 +72,10 @@ def _chunked_map(fn: Callable[[PyTree], PyTree], data: PyTree,
                  chunk_size: int) -> PyTree:
   """``fn`` over all n examples in chunks (padded by wrapping), outputs (n, ...)."""
   n = norms_lib.batch_size_of(data)
-  pad = (-n) % chunk_size
-  padded = jax.tree.map(
-      lambda x: jnp.concatenate([x, x[:pad]]) if pad else x, data)
+  chunk_size = min(chunk_size, n)
+  wrapped = jnp.arange(-(-n // chunk_size) * chunk_size) % n
   chunks = jax.tree.map(
-      lambda x: x.reshape((-1, chunk_size) + x.shape[1:]), padded)
+      lambda x: x[wrapped].reshape((-1, chunk_size) + x.shape[1:]), data)
   out = jax.lax.map(fn, chunks)
   return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], out)
 
@@ -168,7 +167,7 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
           lambda p: weighted_loss(p, 0.0, batch, w), has_aux=True)(state.params)
       u = (norms_lib.per_example_grad_norms(loss_fn, state.params, batch)
            if norms == "exact" else jnp.zeros((m,), jnp.float32))
-    grad_sq_norm = optax.tree_utils.tree_l2_norm(grads, squared=True)
+    grad_sq_norm = optax.tree.norm(grads, squared=True)
     # r comes from past steps only, so this step's noise does not set its own
     # learning rate.
     r = sampler.gain_ratio(sampler_state)

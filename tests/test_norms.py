@@ -26,7 +26,7 @@ def test_vmap_matches_python_loop():
   for k in range(10):
     single = jax.tree.map(lambda x: x[k:k + 1], batch)
     g = jax.grad(lambda p: loss_fn(p, single).sum())(params)
-    np.testing.assert_allclose(norms[k], optax.global_norm(g), rtol=1e-5)
+    np.testing.assert_allclose(norms[k], optax.tree.norm(g), rtol=1e-5)
   chunked = per_example_grad_norms(loss_fn, params, batch, chunk_size=4)
   np.testing.assert_allclose(chunked, norms, rtol=1e-6)
 

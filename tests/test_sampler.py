@@ -1,0 +1,212 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import rais_jax as rj
+from rais_jax import sampler as sampler_lib
+
+
+def _fitted(n=1000, m=256, floor=0.05, seed=0, num_classes=4):
+  """A RAIS sampler whose state samples from random (c, d)."""
+  rng = np.random.default_rng(seed)
+  fmap = rj.default_features(rng.integers(0, num_classes, n), num_classes)
+  sampler = rj.rais_sampler(fmap, batch_size=m, floor=floor, pt_mode="sync")
+  state = sampler.init()
+  # Give examples distinct last norms so the distribution is far from uniform.
+  idx = jnp.arange(n)
+  state = state.replace(features=fmap.update(
+      state.features, idx, jnp.asarray(rng.lognormal(0, 1, n), jnp.float32),
+      jnp.asarray(rng.uniform(size=n) < 0.8)))
+  c = jnp.asarray(rng.uniform(0, 1, fmap.num_features), jnp.float32)
+  d = jnp.asarray(rng.uniform(0, 1, fmap.num_features), jnp.float32)
+  state = sampler.set_parameters(state, c, d)
+  return sampler, state, fmap, c, d
+
+
+def _draw(sampler, state, batches, seed=0):
+  keys = jax.random.split(jax.random.key(seed), batches)
+  return jax.jit(jax.vmap(sampler.sample, in_axes=(None, 0)))(state, keys)
+
+
+def _pool(keep, *columns):
+  """Keeps cells where ``keep``; sums the rest into one cell (if any)."""
+  pooled = [np.append(x[keep], x[~keep].sum()) if (~keep).any() else x[keep]
+            for x in columns]
+  return pooled
+
+
+def _pooled_chisquare(counts, expected):
+  # Cells expecting < 5 are pooled so the chi-square approximation holds.
+  obs, exp = _pool(expected >= 5, counts, expected)
+  return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+def test_uniform_until_fitted():
+  sampler = rj.rais_sampler(rj.default_features(np.arange(10) % 2, 2), batch_size=4)
+  s = sampler.sample(sampler.init(), jax.random.key(0))
+  np.testing.assert_allclose(s.probs, 0.1)
+  np.testing.assert_allclose(s.weights, 1.0)
+
+
+def test_probabilities_match_robust_closed_form():
+  sampler, state, fmap, c, d = _fitted()
+  p = sampler.probabilities(state)
+  features = fmap.compute(state.features, None)
+  np.testing.assert_allclose(p, rj.robust_probabilities(c, d, features, floor=0.05),
+                             rtol=1e-5)
+
+
+def test_frequencies_chi_square_with_duplicates():
+  """m = 256 draws from n = 1000 per batch, so batches contain duplicates."""
+  sampler, state, _, _, _ = _fitted()
+  batches = 2000
+  s = _draw(sampler, state, batches)
+  idx = np.asarray(s.indices)
+  assert max(len(b) - len(np.unique(b)) for b in idx) > 0  # duplicates occur
+  p = np.asarray(sampler.probabilities(state), np.float64)
+  # Reported probabilities are those of the drawn indices.
+  np.testing.assert_allclose(np.asarray(s.probs), p[idx], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(s.weights), 1 / (1000 * p[idx]), rtol=1e-4)
+  counts = np.bincount(idx.ravel(), minlength=1000)
+  # p-value is uniform under a correct sampler; 1e-3 is a one-in-a-thousand
+  # false alarm for a random seed (the seed is fixed).
+  assert _pooled_chisquare(counts, p * idx.size) > 1e-3
+
+
+def test_agrees_with_jax_random_choice():
+  """Two-sample test against the O(n) reference sampler."""
+  sampler, state, _, _, _ = _fitted(seed=3)
+  p = sampler.probabilities(state)
+  batches = 1000
+  ours = np.asarray(_draw(sampler, state, batches, seed=1).indices).ravel()
+  ref = np.asarray(jax.random.choice(jax.random.key(2), 1000, (ours.size,), p=p))
+  a, b = np.bincount(ours, minlength=1000), np.bincount(ref, minlength=1000)
+  table = np.stack(_pool((a + b) >= 10, a, b))
+  assert stats.chi2_contingency(table).pvalue > 1e-3
+
+
+def test_importance_weighted_gradient_is_unbiased():
+  """mean over draws of (1/m) Σ w_k ∇f_k equals ∇F for a logistic model."""
+  n, m, dim = 60, 8, 3
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 2, n), jnp.float32)
+  w0 = jnp.asarray(rng.normal(size=dim), jnp.float32)
+  per_example = jax.vmap(jax.grad(
+      lambda w, xi, yi: jnp.logaddexp(0.0, xi @ w) - yi * (xi @ w)), (None, 0, 0))
+  grads = per_example(w0, x, y)
+  full = grads.mean(0)
+  sampler = rj.oracle_sampler(n, batch_size=m, floor=0.05)
+  state = sampler.refresh(sampler.init(), jnp.linalg.norm(grads, axis=1) ** 0.5)
+  s = _draw(sampler, state, 40_000)
+  estimates = (s.weights[..., None] * grads[s.indices]).mean(1)  # (draws, dim)
+  mean = np.asarray(estimates.mean(0))
+  sem = np.asarray(estimates.std(0)) / np.sqrt(estimates.shape[0])
+  # Each coordinate's z-score is ~N(0, 1); |z| < 4 fails a correct sampler
+  # with probability < 2e-4 per coordinate.
+  assert np.all(np.abs(mean - np.asarray(full)) < 4 * sem)
+  # ...and the variance is smaller than uniform sampling's (it is p ∝ √v here).
+  uniform_var = np.asarray(grads.var(0) / m).sum()
+  assert float(estimates.var(0).sum()) < uniform_var
+
+
+def _feed(sampler, state, steps, norms_fn, seed=0):
+  """Runs sample/update with synthetic norms for a number of steps."""
+  def body(state, key):
+    s = sampler.sample(state, key)
+    norms = norms_fn(s.indices)
+    return sampler.update(state, s, norms, grad_sq_norm=jnp.float32(1.0),
+                          grad_halves_inner=jnp.float32(0.5)), None
+  keys = jax.random.split(jax.random.key(seed), steps)
+  return jax.jit(lambda st, k: jax.lax.scan(body, st, k)[0])(state, keys)
+
+
+def _true_norms(n, seed=0):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 3, n)
+  v = jnp.asarray(rng.lognormal(0, 1, n) * (1 + labels), jnp.float32)
+  return labels, v
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_pt_schedule_and_learning(mode):
+  n, m = 400, 20
+  labels, v = _true_norms(n)
+  sampler = rj.rais_sampler(rj.default_features(labels, 3), batch_size=m,
+                            buffer_size=200, pt_mode=mode, pt_delay=3)
+  period = 10  # ⌈200 / 20⌉
+  state = _feed(sampler, sampler.init(), period + 2, lambda i: v[i])
+  assert not bool(state.fitted) and int(state.pending.due) == period + 3
+  state = _feed(sampler, state, 1, lambda i: v[i])
+  assert bool(state.fitted) and int(state.diagnostics.pt_solves) == 1
+  assert int(state.pending.due) == -1
+  # After a few solves, examples with larger true norms are sampled more.
+  state = _feed(sampler, state, 10 * period, lambda i: v[i], seed=1)
+  p = np.asarray(sampler.probabilities(state))
+  assert np.corrcoef(p, np.asarray(v))[0, 1] > 0.5
+  assert int(state.diagnostics.pt_failures) == 0
+
+
+def test_nonfinite_norms_are_skipped_and_counted():
+  n, m = 100, 10
+  labels, v = _true_norms(n)
+  sampler = rj.rais_sampler(rj.default_features(labels, 3), batch_size=m,
+                            pt_mode="sync")
+  bad = lambda i: jnp.where(i % 2 == 0, jnp.nan, v[i])
+  state = _feed(sampler, sampler.init(), 30, bad)
+  assert int(state.diagnostics.nonfinite_norms) > 0
+  assert np.all(np.isfinite(np.asarray(state.records.norms)))
+  assert np.all(np.isfinite(np.asarray(state.features.last_norm)))
+  assert np.all(np.asarray(state.features.last_norm)[::2] == 0)
+  assert bool(state.fitted)
+  assert np.all(np.asarray(sampler.probabilities(state)) > 0)
+
+
+@pytest.mark.parametrize("mode, failure", [("sync", "nan"), ("async", "raise")])
+def test_failed_solve_keeps_previous_parameters(monkeypatch, mode, failure):
+  def broken(features, norms, probs, feature_sum, *, init, max_iters):
+    if failure == "raise":
+      raise RuntimeError("solver exploded")
+    c, d, info = rj.solve_pt(features, norms, probs, feature_sum, init=init,
+                             max_iters=max_iters)
+    return c * jnp.nan, d, info._replace(ok=jnp.zeros((), bool))
+
+  monkeypatch.setattr(sampler_lib, "solve_pt", broken)
+  labels, v = _true_norms(100)
+  sampler = rj.rais_sampler(rj.default_features(labels, 3), batch_size=10,
+                            pt_mode=mode)
+  state = _feed(sampler, sampler.init(), 40, lambda i: v[i])
+  assert int(state.diagnostics.pt_failures) >= 2
+  assert int(state.diagnostics.pt_solves) == 0
+  assert not bool(state.fitted)
+  np.testing.assert_array_equal(state.c, 0.0)
+  s = sampler.sample(state, jax.random.key(0))
+  np.testing.assert_allclose(s.probs, 1 / 100)
+
+
+def test_oracle_sampler_proportional_to_norms():
+  sampler = rj.oracle_sampler(5, batch_size=2, floor=0.5)
+  state = sampler.refresh(sampler.init(), jnp.array([0.0, 1.0, 1.0, 2.0, jnp.inf]))
+  np.testing.assert_allclose(sampler.probabilities(state),
+                             [0.1, 0.225, 0.225, 0.35, 0.1], rtol=1e-6)
+  assert int(state.diagnostics.nonfinite_norms) == 1
+
+
+def test_uniform_sampler_gain_ratio_is_one():
+  sampler = rj.uniform_sampler(50, batch_size=5)
+  state = _feed(sampler, sampler.init(), 5, lambda i: jnp.ones(5))
+  assert float(sampler.gain_ratio(state)) == 1.0 and int(state.step) == 5
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(batch_size=0), "batch_size"),
+    (dict(batch_size=4, floor=0.0), "floor"),
+    (dict(batch_size=4, pt_delay=99), "pt_delay"),
+    (dict(batch_size=4, pt_period=1), "pt_period"),
+    (dict(batch_size=4, pt_mode="later"), "pt_mode"),
+])
+def test_config_errors(kwargs, msg):
+  with pytest.raises(ValueError, match=msg):
+    rj.rais_sampler(rj.default_features(np.arange(20) % 2, 2), **kwargs)
