@@ -45,8 +45,9 @@ class GainRatioState(NamedTuple):
 
 
 def init() -> GainRatioState:
-  zero = jnp.zeros((), jnp.float32)
-  return GainRatioState(zero, zero, zero, zero, jnp.zeros((), jnp.int32),
+  # Separate buffers (not one shared zero), so the state can be donated.
+  f32 = lambda: jnp.zeros((), jnp.float32)
+  return GainRatioState(f32(), f32(), f32(), f32(), jnp.zeros((), jnp.int32),
                         jnp.zeros((), jnp.int32))
 
 

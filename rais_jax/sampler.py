@@ -1,7 +1,8 @@
 """The RAIS sampler: O(m log n) robust importance sampling over a state pytree.
 
-The state (:class:`SamplerState`) holds everything: per-example features, two
-sum-trees over a_i = ⟨c, s_i⟩ and b_i = ⟨d, s_i⟩, the uncertainty-set
+The state (:class:`SamplerState`) holds everything: per-example features, a
+stack of three sum-trees (over a_i = ⟨c, s_i⟩, over b_i = ⟨d, s_i⟩, and over
+ones for the uniform floor), the uncertainty-set
 parameters (c, d), the ring buffer D of recent measurements, the (PT) solve in
 flight, the gain-ratio moments, counters and diagnostics. It lives on device, so
 ``jit``, ``lax.scan``, sharding and orbax checkpointing apply unchanged.
@@ -11,8 +12,8 @@ Sampling draws m i.i.d. indices from
     p_i = (1 − ε) (a_i + k b_i) / (A + k B) + ε / n,   A = Σ a, B = Σ b, k = B^(-1/2),
 
 as a mixture: tree a with weight (1 − ε) A/(A + kB), tree b with weight
-(1 − ε) kB/(A + kB), uniform with weight ε. Until the first (PT) solution is
-applied, sampling is uniform.
+(1 − ε) kB/(A + kB), the tree of ones (uniform) with weight ε; one descent
+serves all three. Until the first (PT) solution is applied, sampling is uniform.
 
 (PT) runs every ``pt_period`` = ⌈|D|/m⌉ steps on a snapshot of D and its result
 is applied exactly ``pt_delay`` steps later, so runs are reproducible for a
@@ -84,15 +85,19 @@ class Diagnostics:
 
   @classmethod
   def zeros(cls) -> "Diagnostics":
-    i0 = jnp.zeros((), jnp.int32)
-    return cls(i0, i0, i0, jnp.zeros((), bool), jnp.zeros((), jnp.float32), i0)
+    i0 = lambda: jnp.zeros((), jnp.int32)  # separate buffers: donatable
+    return cls(i0(), i0(), i0(), jnp.zeros((), bool), jnp.zeros((), jnp.float32), i0())
 
 
 @struct.dataclass
 class SamplerState:
   features: PyTree
-  tree_a: sum_tree.SumTree
-  tree_b: sum_tree.SumTree
+  trees: sum_tree.SumTree  # stack of 3: a, b, ones
+  # The trees' roots, kept beside them: reading them from ``trees`` would add
+  # reads of the O(n) buffer that XLA re-derives inside every consumer, out of
+  # order with the trees' in-place update, and it would then copy the trees
+  # every step (measured: ~50 ms at n = 10⁷ on CPU).
+  totals: chex.Array  # (3,)
   c: chex.Array  # (d_R,)
   d: chex.Array  # (d_R,)
   fitted: chex.Array  # bool: (c, d) define the distribution (else uniform)
@@ -192,6 +197,15 @@ class _AsyncPT:
     return out
 
 
+def _ordered_after(x: chex.Array, dependency: chex.Array) -> chex.Array:
+  """x, made data-dependent on ``dependency`` (which must be finite).
+
+  XLA does not fold ``0.0 * y`` for floats (y could be inf or NaN), so the
+  dependency survives optimisation.
+  """
+  return x + 0.0 * jnp.sum(dependency).astype(x.dtype)
+
+
 def _records_init(buffer_size: int, num_features: int) -> Records:
   return Records(features=jnp.zeros((buffer_size, num_features), jnp.float32),
                  norms=jnp.zeros((buffer_size,), jnp.float32),
@@ -234,60 +248,56 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
       converged=jax.ShapeDtypeStruct((), bool), objective=scalar,
       constraint=scalar, step_norm=scalar, ok=jax.ShapeDtypeStruct((), bool)))
 
-  def trees_for(features_state, c, d):
+  def trees_for(features_state, c, d) -> sum_tree.SumTree:
     a, b = robust.centres_and_widths(c, d, feature_map.compute(features_state, None))
-    return sum_tree.build(a), sum_tree.build(b)
+    return sum_tree.build(jnp.stack([a, b, jnp.ones_like(a)]))
 
   def init() -> SamplerState:
     fstate = feature_map.init()
-    c, d = (jnp.zeros((d_r,), jnp.float32),) * 2
+    c, d = jnp.zeros((d_r,), jnp.float32), jnp.zeros((d_r,), jnp.float32)
     if initial_cd is not None:
       c, d = (jnp.asarray(x, jnp.float32) for x in initial_cd)
-    tree_a, tree_b = trees_for(fstate, c, d)
+    trees = trees_for(fstate, c, d)
     records = _records_init(buffer_size, d_r)
+    # Distinct buffers everywhere (no aliasing), so the state can be donated.
+    snapshot = _records_init(buffer_size, d_r)
     pending = PendingSolve(
-        features=records.features, norms=records.norms, probs=records.probs,
-        feature_sum=jnp.zeros((d_r,), jnp.float32), init_c=c, init_d=d,
+        features=snapshot.features, norms=snapshot.norms, probs=snapshot.probs,
+        feature_sum=jnp.zeros((d_r,), jnp.float32), init_c=c.copy(), init_d=d.copy(),
         due=jnp.full((), -1, jnp.int32))
     return SamplerState(
-        features=fstate, tree_a=tree_a, tree_b=tree_b, c=c, d=d,
+        features=fstate, trees=trees, totals=sum_tree.total(trees), c=c, d=d,
         fitted=jnp.asarray(fitted_at_init), records=records, pending=pending,
         moments=gain_ratio_lib.init(), step=jnp.zeros((), jnp.int32),
         diagnostics=Diagnostics.zeros())
 
   def mixture(state: SamplerState):
     """(A, k, A + kB, whether the robust distribution is usable)."""
-    a_total = sum_tree.total(state.tree_a)
-    k = robust.mixture_scale(sum_tree.total(state.tree_b))
-    mass = a_total + k * sum_tree.total(state.tree_b)
+    a_total, b_total, _ = state.totals
+    k = robust.mixture_scale(b_total)
+    mass = a_total + k * b_total
     usable = state.fitted & (mass > 0) & jnp.isfinite(mass)
     return a_total, k, mass, usable
 
-  def probs_from_leaves(a, b, k, mass, usable):
+  def probs_at(state: SamplerState, idx: chex.Array) -> chex.Array:
+    _, k, mass, usable = mixture(state)
+    a, b, _ = sum_tree.leaves(state.trees, idx)
     robust_p = (1.0 - floor) * (a + k * b) / jnp.where(usable, mass, 1.0) + floor / n
     return jnp.where(usable, robust_p, 1.0 / n)
 
   def sample(state: SamplerState, key: chex.PRNGKey) -> Sample:
-    a_total, k, mass, usable = mixture(state)
-    key_mix, key_a, key_b, key_u = jax.random.split(key, 4)
-    from_a = sum_tree.sample(state.tree_a, key_a, (m,))
-    from_b = sum_tree.sample(state.tree_b, key_b, (m,))
-    from_u = jax.random.randint(key_u, (m,), 0, n, jnp.int32)
-    # Mixture component per draw: u < ε → uniform; then tree a, then tree b.
-    u = jax.random.uniform(key_mix, (m,))
+    a_total, _, mass, usable = mixture(state)
+    u = jax.random.uniform(key, (state.trees.depth + 1, m))
+    # Mixture component per draw from u[0]: tree a, tree b, or uniform (ones).
     share_a = (1.0 - floor) * a_total / jnp.where(usable, mass, 1.0)
-    idx = jnp.where(u < floor, from_u,
-                    jnp.where(u < floor + share_a, from_a, from_b))
-    idx = jnp.where(usable, idx, from_u)
-    p = probs_from_leaves(sum_tree.leaves(state.tree_a, idx),
-                          sum_tree.leaves(state.tree_b, idx), k, mass, usable)
+    which = jnp.where(u[0] < share_a, 0, jnp.where(u[0] < 1.0 - floor, 1, 2))
+    which = jnp.where(usable, which, 2)
+    idx = sum_tree.descend(state.trees, u[1:], which)
+    p = probs_at(state, idx)
     return Sample(indices=idx, probs=p, weights=1.0 / (n * p))
 
   def probabilities(state: SamplerState) -> chex.Array:
-    _, k, mass, usable = mixture(state)
-    all_idx = jnp.arange(n)
-    return probs_from_leaves(sum_tree.leaves(state.tree_a, all_idx),
-                             sum_tree.leaves(state.tree_b, all_idx), k, mass, usable)
+    return probs_at(state, jnp.arange(n))
 
   def deliver(state: SamplerState) -> SamplerState:
     pend = state.pending
@@ -313,8 +323,8 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
                      d: chex.Array) -> SamplerState:
     c, d = jnp.asarray(c, jnp.float32), jnp.asarray(d, jnp.float32)
     chex.assert_shape([c, d], (d_r,))
-    tree_a, tree_b = trees_for(state.features, c, d)
-    return state.replace(c=c, d=d, tree_a=tree_a, tree_b=tree_b,
+    trees = trees_for(state.features, c, d)
+    return state.replace(c=c, d=d, trees=trees, totals=sum_tree.total(trees),
                          fitted=jnp.ones((), bool))
 
   def submit(state: SamplerState) -> SamplerState:
@@ -340,13 +350,20 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
     if not measure:
       return state.replace(step=state.step + 1)
     idx, p = sample_.indices, sample_.probs
+    features_before = feature_map.compute(state.features, idx)
     norms = norms.astype(jnp.float32)
     valid = jnp.isfinite(norms) & (norms >= 0)
     clean = jnp.where(valid, norms, 0.0)
-    features_before = feature_map.compute(state.features, idx)
     records = _records_push(state.records, features_before, clean, p, valid)
-    fstate = feature_map.update(state.features, idx, clean, valid)
+    # The features were read (features_before) and the trees were read (to
+    # sample and to compute p) before being updated in place below. Making the
+    # written values depend on those reads orders them first; otherwise XLA
+    # copies the O(n) buffers every step (measured: ~50 ms at n = 10⁷ on CPU).
+    fstate = feature_map.update(state.features, idx,
+                                _ordered_after(clean, features_before), valid)
     a, b = robust.centres_and_widths(state.c, state.d, feature_map.compute(fstate, idx))
+    a = _ordered_after(a, p)
+    trees = sum_tree.update(state.trees, idx, jnp.stack([a, b, jnp.ones_like(a)]))
     moments = state.moments
     if use_gain_ratio:
       moments = gain_ratio_lib.update(
@@ -355,8 +372,7 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
     diag = state.diagnostics
     state = state.replace(
         features=fstate, records=records, moments=moments, step=state.step + 1,
-        tree_a=sum_tree.update(state.tree_a, idx, a),
-        tree_b=sum_tree.update(state.tree_b, idx, b),
+        trees=trees, totals=sum_tree.total(trees),
         diagnostics=diag.replace(
             nonfinite_norms=diag.nonfinite_norms + (~valid).sum(dtype=jnp.int32)))
     if pt_enabled:
@@ -376,10 +392,10 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
     chex.assert_shape(norms, (n,))
     valid = jnp.isfinite(norms) & (norms >= 0)
     fstate = jnp.where(valid, norms.astype(jnp.float32), 0.0)
-    tree_a, tree_b = trees_for(fstate, state.c, state.d)
     diag = state.diagnostics
+    trees = trees_for(fstate, state.c, state.d)
     return state.replace(
-        features=fstate, tree_a=tree_a, tree_b=tree_b,
+        features=fstate, trees=trees, totals=sum_tree.total(trees),
         diagnostics=diag.replace(
             nonfinite_norms=diag.nonfinite_norms + (~valid).sum(dtype=jnp.int32)))
 

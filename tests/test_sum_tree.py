@@ -28,12 +28,31 @@ def test_update_with_duplicates_equals_rebuild():
                              rtol=1e-6)
 
 
-def test_find_boundaries_and_zero_leaves():
+def test_descend_never_enters_empty_subtrees():
   tree = sum_tree.build(jnp.array([0.0, 1.0, 0.0, 2.0, 0.0]))
-  targets = jnp.array([0.0, 0.5, 0.999, 1.0, 2.5, 2.9999])
-  np.testing.assert_array_equal(sum_tree.find(tree, targets), [1, 1, 1, 3, 3, 3])
-  # Targets at or past the total (rounding) still land on a positive leaf.
-  np.testing.assert_array_equal(sum_tree.find(tree, jnp.array([3.0, 3.5])), [3, 3])
+  depth = tree.depth
+  extremes = jnp.stack([jnp.zeros(depth), jnp.full(depth, 1 - 2**-24),
+                        jnp.full(depth, 0.5)], axis=1)
+  assert set(np.asarray(sum_tree.descend(tree, extremes)).tolist()) <= {1, 3}
+
+
+def test_single_leaf():
+  tree = sum_tree.build(jnp.array([2.0]))
+  np.testing.assert_array_equal(sum_tree.sample(tree, jax.random.key(0), (4,)), 0)
+
+
+def test_stacked_trees_sample_each_distribution():
+  values = jnp.array([[1.0, 0.0, 3.0], [0.0, 5.0, 0.0]])
+  stack = sum_tree.build(values)
+  np.testing.assert_allclose(sum_tree.total(stack), [4.0, 5.0])
+  which = jnp.arange(20_000) % 2
+  idx = np.asarray(sum_tree.sample(stack, jax.random.key(0), (20_000,), which))
+  assert set(idx[1::2].tolist()) == {1}
+  frac = np.mean(idx[::2] == 2)
+  # Binomial(10⁴, 0.75): sd 0.0043, so ±0.02 is > 4.5 sd.
+  assert abs(frac - 0.75) < 0.02
+  updated = sum_tree.update(stack, jnp.array([1]), jnp.array([[2.0], [1.0]]))
+  np.testing.assert_allclose(sum_tree.total(updated), [6.0, 1.0])
 
 
 def test_sampling_frequencies_chi_square():
