@@ -59,9 +59,12 @@ def main(argv=None):
   variants = {"optax sgd": lambda: plain(plain_state)}
   samplers = {
       "U-SGD (rais_jax loop)": (rj.uniform_sampler(n, batch_size=m), None),
-      "RAIS, proxy norms": (rj.rais_sampler(
+      "RAIS, proxy norms, async (PT)": (rj.rais_sampler(
           rj.default_features(np.asarray(data["label"]), 10), batch_size=m,
           scale_free=True), "proxy"),
+      "RAIS, proxy norms, sync (PT)": (rj.rais_sampler(
+          rj.default_features(np.asarray(data["label"]), 10), batch_size=m,
+          scale_free=True, pt_mode="sync"), "proxy"),
   }
   for name, (sampler, norms) in samplers.items():
     opt = rj.rais_sgd(0.01, momentum=0.9)
