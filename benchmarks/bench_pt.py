@@ -88,7 +88,7 @@ def main(argv=None):
     ref_s = time.perf_counter() - start
     g = float(rj.pt_constraint(c, d, f, v, pr))
     rows.append({
-        "|D|": records, "d_R": f.shape[1], "cold solve (s)": cold_s,
+        "buffer size": records, "d_R": f.shape[1], "cold solve (s)": cold_s,
         "cold iters": int(info.iterations), "warm solve (s)": warm_s,
         "warm iters": int(warm_info.iterations), "converged": bool(info.converged),
         "objective / SciPy − 1": float(info.objective) / ref_obj - 1, "G(c,d)": g,

@@ -171,6 +171,10 @@ class _AsyncPT:
     except Exception:  # pylint: disable=broad-except
       return None  # reported as a failed solve by ``fetch``
 
+  def warm_up(self, *args) -> None:
+    """Compiles the solver in the background (first deliveries don't wait)."""
+    self._executor.submit(self._safe_solve, *(np.asarray(a) for a in args))
+
   def submit(self, *args) -> np.ndarray:
     args = tuple(np.asarray(a) for a in args)
     key = self._key(args)
@@ -265,6 +269,10 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
         features=snapshot.features, norms=snapshot.norms, probs=snapshot.probs,
         feature_sum=jnp.zeros((d_r,), jnp.float32), init_c=c.copy(), init_d=d.copy(),
         due=jnp.full((), -1, jnp.int32))
+    if async_pt is not None:
+      async_pt.warm_up(*jax.tree.map(np.asarray, (
+          pending.features, pending.norms, pending.probs, pending.feature_sum,
+          pending.init_c, pending.init_d)))
     return SamplerState(
         features=fstate, trees=trees, totals=sum_tree.total(trees), c=c, d=d,
         fitted=jnp.asarray(fitted_at_init), records=records, pending=pending,
