@@ -294,6 +294,10 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
     return jnp.where(usable, robust_p, 1.0 / n)
 
   def sample(state: SamplerState, key: chex.PRNGKey) -> Sample:
+    if not measure:  # U-SGD: plain uniform draws, no tree descent
+      idx = jax.random.randint(key, (m,), 0, n, jnp.int32)
+      return Sample(indices=idx, probs=jnp.full((m,), 1.0 / n),
+                    weights=jnp.ones((m,)))
     a_total, _, mass, usable = mixture(state)
     u = jax.random.uniform(key, (state.trees.depth + 1, m))
     # Mixture component per draw from u[0]: tree a, tree b, or uniform (ones).
