@@ -390,7 +390,11 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
     if pt_enabled:
       state = jax.lax.cond(state.pending.due == state.step, deliver,
                            lambda s: s, state)
-      state = jax.lax.cond(state.step % pt_period == 0, submit,
+      # Skipped measurements (non-finite norms) can leave D short of full at
+      # a period boundary; then wait for the next one rather than solve on
+      # empty slots.
+      full = state.records.size == buffer_size
+      state = jax.lax.cond((state.step % pt_period == 0) & full, submit,
                            lambda s: s, state)
     return state
 

@@ -157,6 +157,10 @@ def test_nonfinite_norms_are_skipped_and_counted():
   bad = lambda i: jnp.where(i % 2 == 0, jnp.nan, v[i])
   state = _feed(sampler, sampler.init(), 30, bad)
   assert int(state.diagnostics.nonfinite_norms) > 0
+  # About half the measurements are skipped, so D (|D| = 100, m = 10) holds
+  # ~50 records at step 10: no solve is submitted then, only at step 20 (due
+  # at 25). Without that guard there would be two solves by step 30.
+  assert int(state.diagnostics.pt_solves) == 1
   assert np.all(np.isfinite(np.asarray(state.records.norms)))
   assert np.all(np.isfinite(np.asarray(state.features.last_norm)))
   assert np.all(np.asarray(state.features.last_norm)[::2] == 0)
