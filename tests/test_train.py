@@ -98,3 +98,17 @@ def test_proxy_requires_even_batch(problem):
   with pytest.raises(ValueError, match="even"):
     rj.make_train_step(model_fn, rj.softmax_cross_entropy_head(),
                        rj.rais_sgd(0.1), sampler)
+
+
+def test_state_is_donatable(problem):
+  """No two leaves of a fresh state share a buffer, so it can be donated."""
+  data, model_fn, params, labels = problem
+  sampler = _sampler("rais", labels)
+  opt = rj.rais_sgd(0.05)
+  step = jax.jit(rj.make_train_step(model_fn, rj.softmax_cross_entropy_head(), opt,
+                                    sampler), donate_argnums=0)
+  # Copy: donation deletes the buffers, and the fixture's params are shared.
+  state = rj.init_train_state(jax.tree.map(jnp.copy, params), opt, sampler)
+  for key in jax.random.split(jax.random.key(0), 3):
+    state, _ = step(state, key, data)
+  assert int(state.sampler.step) == 3
