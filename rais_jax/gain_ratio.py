@@ -22,7 +22,7 @@ and B, ⟨g_A, g_B⟩ is unbiased for ‖∇F‖², and
 E‖g_R‖² = ‖∇F‖² + (E‖g_R1‖² − ‖∇F‖²)/m gives
 E‖g_R1‖² = m (E‖g_R‖² − ‖∇F‖²) + ‖∇F‖². Then r = 1 + (ρ − 1) E‖g_R1‖² / (m E‖g_R‖²).
 
-Reference: Johnson & Guestrin, NeurIPS 2018, §5.
+Reference: Johnson & Guestrin, NeurIPS 2018.
 """
 
 from __future__ import annotations

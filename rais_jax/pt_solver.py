@@ -22,7 +22,7 @@ and z_j = S_j d_j, so that d's constraint set is the probability simplex
 Features with S_j = 0 do not enter any current b_i and get d_j = 0.
 Denominators ⟨d, s̃_j⟩ are floored to keep G finite.
 
-Reference: Johnson & Guestrin, NeurIPS 2018, §4 (problem (PT)).
+Reference: Johnson & Guestrin, NeurIPS 2018 (problem (PT)).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class PTInfo(NamedTuple):
   """Diagnostics of one (PT) solve."""
 
   iterations: chex.Array  # int32
-  converged: chex.Array  # bool: the projected-gradient step fell below tol
+  converged: chex.Array  # bool: step below tol, or progress below rtol
   objective: chex.Array  # ⟨d*, S⟩ = G_min
   constraint: chex.Array  # G(c*, d*), 1 at a tight solution
   step_norm: chex.Array  # last L·‖x⁺ − y‖ of the normalised problem

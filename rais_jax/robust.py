@@ -14,7 +14,7 @@ with worst-case value (Σ_i a_i + (Σ_i b_i)^(1/2))². (Cauchy–Schwarz gives
 Σ v²/p ≥ (Σ v)²; the point of U with the largest Σ v is v = a + k b.)
 
 Reference: Johnson & Guestrin, "Training Deep Models Faster with Robust,
-Approximate Importance Sampling", NeurIPS 2018, §3.
+Approximate Importance Sampling", NeurIPS 2018.
 """
 
 from __future__ import annotations

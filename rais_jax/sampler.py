@@ -23,7 +23,7 @@ given key whether the solve ran in the background (``pt_mode="async"``: an
 A solve that fails or returns non-finite values keeps the old (c, d) and is
 counted in the diagnostics.
 
-Reference: Johnson & Guestrin, NeurIPS 2018, Algorithm 1.
+Reference: Johnson & Guestrin, NeurIPS 2018.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ RAIS-SGD uses η_t = r_t · lr(τ_t), where r_t is the gain ratio and
 gradient variance are worth r plain steps, so the schedule advances r times as
 fast. ``epochs equivalent`` = τ · m / n.
 
-Reference: Johnson & Guestrin, NeurIPS 2018, §5.
+Reference: Johnson & Guestrin, NeurIPS 2018.
 """
 
 from __future__ import annotations
