@@ -252,16 +252,24 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
       converged=jax.ShapeDtypeStruct((), bool), objective=scalar,
       constraint=scalar, step_norm=scalar, ok=jax.ShapeDtypeStruct((), bool)))
 
-  def trees_for(features_state, c, d) -> sum_tree.SumTree:
-    a, b = robust.centres_and_widths(c, d, feature_map.compute(features_state, None))
-    return sum_tree.build(jnp.stack([a, b, jnp.ones_like(a)]))
+  def leaf_rows(a: chex.Array, b: chex.Array) -> chex.Array:
+    """Leaf values of the stacked trees: a, b and ones (the uniform floor)."""
+    return jnp.stack([a, b, jnp.ones_like(a)])
+
+  def trees_for(features_state, c, d) -> dict[str, chex.Array]:
+    """``trees`` and ``totals`` fields rebuilt from all features, O(n)."""
+    if not measure:  # U-SGD never reads the trees: keep them O(1)
+      trees = sum_tree.build(jnp.ones((3, 1), jnp.float32))
+    else:
+      a, b = robust.centres_and_widths(c, d, feature_map.compute(features_state, None))
+      trees = sum_tree.build(leaf_rows(a, b))
+    return {"trees": trees, "totals": sum_tree.total(trees)}
 
   def init() -> SamplerState:
     fstate = feature_map.init()
     c, d = jnp.zeros((d_r,), jnp.float32), jnp.zeros((d_r,), jnp.float32)
     if initial_cd is not None:
       c, d = (jnp.asarray(x, jnp.float32) for x in initial_cd)
-    trees = trees_for(fstate, c, d)
     records = _records_init(buffer_size, d_r)
     # Distinct buffers everywhere (no aliasing), so the state can be donated.
     snapshot = _records_init(buffer_size, d_r)
@@ -274,7 +282,7 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
           pending.features, pending.norms, pending.probs, pending.feature_sum,
           pending.init_c, pending.init_d)))
     return SamplerState(
-        features=fstate, trees=trees, totals=sum_tree.total(trees), c=c, d=d,
+        features=fstate, **trees_for(fstate, c, d), c=c, d=d,
         fitted=jnp.asarray(fitted_at_init), records=records, pending=pending,
         moments=gain_ratio_lib.init(), step=jnp.zeros((), jnp.int32),
         diagnostics=Diagnostics.zeros())
@@ -335,8 +343,7 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
                      d: chex.Array) -> SamplerState:
     c, d = jnp.asarray(c, jnp.float32), jnp.asarray(d, jnp.float32)
     chex.assert_shape([c, d], (d_r,))
-    trees = trees_for(state.features, c, d)
-    return state.replace(c=c, d=d, trees=trees, totals=sum_tree.total(trees),
+    return state.replace(c=c, d=d, **trees_for(state.features, c, d),
                          fitted=jnp.ones((), bool))
 
   def submit(state: SamplerState) -> SamplerState:
@@ -375,7 +382,7 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
                                 _ordered_after(clean, features_before), valid)
     a, b = robust.centres_and_widths(state.c, state.d, feature_map.compute(fstate, idx))
     a = _ordered_after(a, p)
-    trees = sum_tree.update(state.trees, idx, jnp.stack([a, b, jnp.ones_like(a)]))
+    trees = sum_tree.update(state.trees, idx, leaf_rows(a, b))
     moments = state.moments
     if use_gain_ratio:
       moments = gain_ratio_lib.update(
@@ -409,9 +416,8 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
     valid = jnp.isfinite(norms) & (norms >= 0)
     fstate = jnp.where(valid, norms.astype(jnp.float32), 0.0)
     diag = state.diagnostics
-    trees = trees_for(fstate, state.c, state.d)
     return state.replace(
-        features=fstate, trees=trees, totals=sum_tree.total(trees),
+        features=fstate, **trees_for(fstate, state.c, state.d),
         diagnostics=diag.replace(
             nonfinite_norms=diag.nonfinite_norms + (~valid).sum(dtype=jnp.int32)))
 
@@ -488,7 +494,9 @@ def rais_sampler(features: FeatureMap, *, batch_size: int,
 def uniform_sampler(num_examples: int, *, batch_size: int) -> Sampler:
   """Plain uniform sampling with replacement and gain ratio 1 (U-SGD).
 
-  Its ``update`` only counts steps: the measured norms are ignored.
+  It draws with ``jax.random.randint``, keeps no sum-trees (its state holds
+  one-leaf placeholders), and its ``update`` only counts steps: the measured
+  norms are ignored.
   """
   _check_common(num_examples, batch_size, 1.0)
   return _make_sampler(
