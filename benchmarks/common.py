@@ -16,14 +16,7 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 def time_call(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2) -> float:
   """Median wall-clock seconds of ``fn()`` (blocked until ready)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return interleaved_medians({"fn": fn}, repeats=repeats, warmup=warmup)["fn"]
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], *, repeats: int = 7,
