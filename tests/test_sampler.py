@@ -6,6 +6,7 @@ from scipy import stats
 
 import rais_jax as rj
 from rais_jax import sampler as sampler_lib
+from stats_helpers import pool, pooled_chisquare_pvalue
 
 
 def _fitted(n=1000, m=256, floor=0.05, seed=0, num_classes=4):
@@ -28,19 +29,6 @@ def _fitted(n=1000, m=256, floor=0.05, seed=0, num_classes=4):
 def _draw(sampler, state, batches, seed=0):
   keys = jax.random.split(jax.random.key(seed), batches)
   return jax.jit(jax.vmap(sampler.sample, in_axes=(None, 0)))(state, keys)
-
-
-def _pool(keep, *columns):
-  """Keeps cells where ``keep``; sums the rest into one cell (if any)."""
-  pooled = [np.append(x[keep], x[~keep].sum()) if (~keep).any() else x[keep]
-            for x in columns]
-  return pooled
-
-
-def _pooled_chisquare(counts, expected):
-  # Cells expecting < 5 are pooled so the chi-square approximation holds.
-  obs, exp = _pool(expected >= 5, counts, expected)
-  return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
 def test_uniform_until_fitted():
@@ -72,7 +60,7 @@ def test_frequencies_chi_square_with_duplicates():
   counts = np.bincount(idx.ravel(), minlength=1000)
   # p-value is uniform under a correct sampler; 1e-3 is a one-in-a-thousand
   # false alarm for a random seed (the seed is fixed).
-  assert _pooled_chisquare(counts, p * idx.size) > 1e-3
+  assert pooled_chisquare_pvalue(counts, p * idx.size) > 1e-3
 
 
 def test_agrees_with_jax_random_choice():
@@ -83,7 +71,7 @@ def test_agrees_with_jax_random_choice():
   ours = np.asarray(_draw(sampler, state, batches, seed=1).indices).ravel()
   ref = np.asarray(jax.random.choice(jax.random.key(2), 1000, (ours.size,), p=p))
   a, b = np.bincount(ours, minlength=1000), np.bincount(ref, minlength=1000)
-  table = np.stack(_pool((a + b) >= 10, a, b))
+  table = np.stack(pool((a + b) >= 10, a, b))
   assert stats.chi2_contingency(table).pvalue > 1e-3
 
 
