@@ -4,10 +4,11 @@ Johnson & Guestrin, "Training Deep Models Faster with Robust, Approximate
 Importance Sampling", NeurIPS 2018.
 """
 
-from rais_jax import sum_tree
+from rais_jax import ghost, sum_tree
 from rais_jax.features import FeatureMap, default_features, static_features
 from rais_jax.gain_ratio import GainRatioState
-from rais_jax.norms import per_example_grad_norms, softmax_cross_entropy_proxy_norms
+from rais_jax.norms import (per_example_grad_norms, softmax_cross_entropy_proxy_norms,
+                            value_grad_and_norms)
 from rais_jax.pt_solver import PTInfo, pt_constraint, solve_pt
 from rais_jax.robust import robust_probabilities, worst_case_second_moment
 from rais_jax.sampler import (Sample, Sampler, SamplerState, oracle_sampler,
@@ -26,5 +27,6 @@ __all__ = [
     "make_train_step", "oracle_sampler", "per_example_grad_norms", "pt_constraint",
     "rais_sampler", "rais_sgd", "robust_probabilities", "scale_by_gain_ratio",
     "softmax_cross_entropy_head", "softmax_cross_entropy_proxy_norms", "solve_pt",
-    "static_features", "sum_tree", "uniform_sampler", "worst_case_second_moment",
+    "static_features", "sum_tree", "uniform_sampler", "value_grad_and_norms",
+    "worst_case_second_moment", "ghost",
 ]

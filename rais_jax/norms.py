@@ -3,7 +3,14 @@
 The interface shared by every exact method is
 ``per_example_grad_norms(loss_fn, params, batch) -> (m,)`` where
 ``loss_fn(params, batch)`` returns per-example losses of shape (m,) and every
-leaf of ``batch`` has leading axis m.
+leaf of ``batch`` has leading axis m. ``value_grad_and_norms`` also returns the
+losses and the (weighted) summed gradient, so a training step that needs both
+pays for one backward pass. Methods:
+
+* ``"ghost"`` (default): the ghost-norm identity applied to the loss's jaxpr,
+  see :mod:`rais_jax.ghost`: about the cost of one ordinary backward pass.
+* ``"vmap"``: ``vmap`` of per-example ``grad``, the reference; about m times
+  the cost, and memory grows as m × #params.
 
 The *proxy* of Johnson & Guestrin (2018) is the norm of the loss gradient with
 respect to the model output: for softmax cross-entropy with logits z and label
@@ -21,10 +28,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rais_jax import ghost
+
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], chex.Array]
 
-METHODS = ("vmap",)
+METHODS = ("ghost", "vmap")
 
 
 def batch_size_of(batch: PyTree) -> int:
@@ -54,27 +63,13 @@ def check_loss_fn(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int:
   return m
 
 
-def per_example_grad_norms(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
-                           method: str = "vmap",
-                           chunk_size: Optional[int] = None) -> chex.Array:
-  """Exact ‖∇_params f_k‖ for every example k of ``batch``, shape (m,).
-
-  Args:
-    loss_fn: ``(params, batch) -> (m,)`` per-example losses; each loss may
-      depend only on its own example (no BatchNorm in training mode).
-    params: the parameters to differentiate.
-    batch: pytree whose leaves have leading axis m.
-    method: ``"vmap"``, the reference: ``vmap`` of per-example ``grad``
-      (memory grows as m × #params; use ``chunk_size`` to bound it).
-    chunk_size: with ``"vmap"``, how many examples to differentiate at once.
-
-  Returns:
-    Norms of shape (m,), float32.
-  """
+def _check_method(method: str) -> None:
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
-  check_loss_fn(loss_fn, params, batch)
 
+
+def _vmap_norms(loss_fn: LossFn, params: PyTree, batch: PyTree,
+                chunk_size: Optional[int]) -> chex.Array:
   def one(example):
     single = jax.tree.map(lambda x: x[None], example)
     grads = jax.grad(lambda p: loss_fn(p, single)[0])(params)
@@ -83,6 +78,66 @@ def per_example_grad_norms(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
   if chunk_size is None:
     return jax.vmap(one)(batch)
   return jax.lax.map(one, batch, batch_size=chunk_size)
+
+
+def per_example_grad_norms(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
+                           method: str = "ghost",
+                           chunk_size: Optional[int] = None,
+                           separable_check: bool = True) -> chex.Array:
+  """Exact ‖∇_params f_k‖ for every example k of ``batch``, shape (m,).
+
+  Args:
+    loss_fn: ``(params, batch) -> (m,)`` per-example losses; each loss may
+      depend only on its own example (no BatchNorm in training mode). With
+      ``"ghost"`` it is traced for a batch of one example, so it must accept
+      any batch size.
+    params: the parameters to differentiate.
+    batch: pytree whose leaves have leading axis m.
+    method: ``"ghost"`` (one backward pass) or ``"vmap"`` (the reference).
+    chunk_size: with ``"vmap"``, how many examples to differentiate at once.
+    separable_check: with ``"ghost"``, probe ``loss_fn`` at trace time for
+      losses that couple examples and refuse them (see
+      :func:`rais_jax.ghost.check_separable`).
+
+  Returns:
+    Norms of shape (m,), float32.
+  """
+  _check_method(method)
+  m = check_loss_fn(loss_fn, params, batch)
+  if method == "vmap":
+    return _vmap_norms(loss_fn, params, batch, chunk_size)
+  return ghost.value_grad_and_norms(
+      loss_fn, params, batch, jnp.ones((m,), jnp.float32),
+      separable_check=separable_check)[2]
+
+
+def value_grad_and_norms(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
+                         weights: Optional[chex.Array] = None,
+                         method: str = "ghost",
+                         separable_check: bool = True
+                         ) -> tuple[chex.Array, PyTree, chex.Array]:
+  """Per-example losses, the weighted gradient and exact per-example norms.
+
+  Returns ``(losses, grads, norms)``: ``losses = loss_fn(params, batch)``,
+  ``grads = ∇_params Σ_k weights_k f_k`` (``weights`` defaults to 1/m, the
+  mean) and ``norms[k] = ‖∇_params f_k‖`` (unweighted). With ``"ghost"`` all
+  three come from one forward and one backward pass; the norms are recovered
+  from the weighted pass as ‖∇(w_k f_k)‖/|w_k|, so they are NaN where
+  ``weights`` is 0. With ``"vmap"`` the norms cost a second, per-example pass.
+  """
+  _check_method(method)
+  m = check_loss_fn(loss_fn, params, batch)
+  if weights is None:
+    weights = jnp.full((m,), 1.0 / m, jnp.float32)
+  elif jnp.shape(weights) != (m,):
+    raise ValueError(f"weights must have shape (m,) = ({m},); got "
+                     f"{jnp.shape(weights)}.")
+  if method == "ghost":
+    return ghost.value_grad_and_norms(loss_fn, params, batch, weights,
+                                      separable_check=separable_check)
+  losses, backward = jax.vjp(lambda p: loss_fn(p, batch), params)
+  (grads,) = backward(weights.astype(losses.dtype))
+  return losses, grads, _vmap_norms(loss_fn, params, batch, None)
 
 
 def softmax_cross_entropy_proxy_norms(logits: chex.Array,

@@ -84,7 +84,8 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
                     optimizer: optax.GradientTransformationExtraArgs,
                     sampler: Sampler, *, norms: Optional[str] = "proxy",
                     oracle_period: Optional[int] = None,
-                    oracle_chunk_size: Optional[int] = None
+                    oracle_chunk_size: Optional[int] = None,
+                    exact_method: str = "ghost"
                     ) -> Callable[[TrainState, chex.PRNGKey, PyTree],
                                   tuple[TrainState, StepMetrics]]:
   """Builds ``step(state, key, data) -> (state, metrics)``.
@@ -98,18 +99,24 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
       :func:`oracle_sampler`.
     norms: how u_k is measured: ``"proxy"`` (‖∂f_k/∂outputs_k‖, from the same
       backward pass, split into two half-batches for the scale-free gain
-      ratio; m must be even), ``"exact"`` (``per_example_grad_norms``), or
-      None (no measurement, for U-SGD).
+      ratio; m must be even), ``"exact"`` (the gradient and the exact norms
+      from :func:`rais_jax.value_grad_and_norms`: with ghost norms, one
+      backward pass), or None (no measurement, for U-SGD).
     oracle_period: for an oracle sampler, refresh the exact norms of all n
       examples every this many steps (default 1: the true oracle; each
       refresh costs n per-example gradients).
     oracle_chunk_size: examples per chunk in that refresh (default m).
+    exact_method: how exact norms are computed, for ``norms="exact"`` and the
+      oracle refresh: ``"ghost"`` (default) or ``"vmap"`` (the reference).
 
   Returns:
     The step function.
   """
   if norms not in ("proxy", "exact", None):
     raise ValueError(f"norms must be 'proxy', 'exact' or None; got {norms!r}.")
+  if exact_method not in norms_lib.METHODS:
+    raise ValueError(f"exact_method must be one of {norms_lib.METHODS}; got "
+                     f"{exact_method!r}.")
   m, n = sampler.batch_size, sampler.num_examples
   if norms == "proxy" and m % 2:
     raise ValueError(
@@ -144,8 +151,9 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
 
   def refresh_oracle(sampler_state: SamplerState, params, data) -> SamplerState:
     all_norms = _chunked_map(
-        lambda b: norms_lib.per_example_grad_norms(loss_fn, params, b), data,
-        oracle_chunk)
+        lambda b: norms_lib.per_example_grad_norms(loss_fn, params, b,
+                                                   method=exact_method),
+        data, oracle_chunk)
     return sampler.refresh(sampler_state, all_norms)
 
   def step(state: TrainState, key: chex.PRNGKey, data: PyTree
@@ -162,11 +170,13 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
     inner = None
     if norms == "proxy":
       grads, u, inner, losses = proxy_grads(state.params, batch, w)
+    elif norms == "exact":
+      losses, grads, u = norms_lib.value_grad_and_norms(
+          loss_fn, state.params, batch, weights=w / m, method=exact_method)
     else:
       (_, losses), grads = jax.value_and_grad(
           lambda p: weighted_loss(p, 0.0, batch, w), has_aux=True)(state.params)
-      u = (norms_lib.per_example_grad_norms(loss_fn, state.params, batch)
-           if norms == "exact" else jnp.zeros((m,), jnp.float32))
+      u = jnp.zeros((m,), jnp.float32)
     grad_sq_norm = optax.tree.norm(grads, squared=True)
     # r comes from past steps only, so this step's noise does not set its own
     # learning rate.

@@ -22,12 +22,14 @@ def _mlp():
 
 def test_vmap_matches_python_loop():
   loss_fn, params, batch = _mlp()
-  norms = jax.jit(lambda p, b: per_example_grad_norms(loss_fn, p, b))(params, batch)
+  norms = jax.jit(lambda p, b: per_example_grad_norms(
+      loss_fn, p, b, method="vmap"))(params, batch)
   for k in range(10):
     single = jax.tree.map(lambda x: x[k:k + 1], batch)
     g = jax.grad(lambda p: loss_fn(p, single).sum())(params)
     np.testing.assert_allclose(norms[k], optax.tree.norm(g), rtol=1e-5)
-  chunked = per_example_grad_norms(loss_fn, params, batch, chunk_size=4)
+  chunked = per_example_grad_norms(loss_fn, params, batch, method="vmap",
+                                   chunk_size=4)
   np.testing.assert_allclose(chunked, norms, rtol=1e-6)
 
 

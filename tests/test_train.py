@@ -31,13 +31,14 @@ def _sampler(method, labels, mode="async"):
                          buffer_size=96, pt_mode=mode, scale_free=True)
 
 
-def _run(problem, method, steps, *, mode="async", state=None, start=0, norms="proxy"):
+def _run(problem, method, steps, *, mode="async", state=None, start=0, norms="proxy",
+         exact_method="ghost"):
   data, model_fn, params, labels = problem
   sampler = _sampler(method, labels, mode)
   opt = rj.rais_sgd(0.05, momentum=0.9)
   step = rj.make_train_step(model_fn, rj.softmax_cross_entropy_head(), opt, sampler,
                             norms=None if method == "usgd" else norms,
-                            oracle_period=4)
+                            oracle_period=4, exact_method=exact_method)
   if state is None:
     state = rj.init_train_state(params, opt, sampler)
   keys = jax.random.split(jax.random.key(42), 10_000)[start:start + steps]
@@ -67,6 +68,17 @@ def test_exact_norms_step(problem):
   state, metrics, _ = _run(problem, "rais", 40, norms="exact")
   assert int(state.sampler.diagnostics.pt_solves) >= 2
   assert np.all(np.isfinite(np.asarray(metrics.loss)))
+
+
+@pytest.mark.parametrize("method", ["rais", "osgd"])
+def test_ghost_step_matches_vmap_step(problem, method):
+  """Same step with ghost and with vmap norms: the gradient, the norms
+  written into the sampler (RAIS) and the oracle's norms (O-SGD) agree."""
+  ghost, _, _ = _run(problem, method, 1, norms="exact")
+  ref, _, _ = _run(problem, method, 1, norms="exact", exact_method="vmap")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               (ghost.params, ghost.sampler.features, ghost.sampler.trees),
+               (ref.params, ref.sampler.features, ref.sampler.trees))
 
 
 def test_async_and_sync_runs_are_identical(problem):

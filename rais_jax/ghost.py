@@ -1,0 +1,522 @@
+"""Exact per-example gradient norms from one backward pass (ghost norms).
+
+For a dense layer y = x W that example k sees at positions t = 1..T,
+∇_W f_k = Σ_t x_{kt} δ_{kt}ᵀ with δ_{kt} = ∂f_k/∂y_{kt}, so
+
+    ‖∇_W f_k‖² = Σ_{t,t'} (x_{kt}·x_{kt'}) (δ_{kt}·δ_{kt'})        (Gram form)
+
+(= ‖x_k‖²‖δ_k‖² when T = 1). x comes from the forward pass and every δ from
+*one* ordinary backward pass, taken with respect to a zero perturbation added
+to each layer output; the m per-example gradients are never formed. Where
+T(A + C) > A·C (A inputs, C outputs) the per-example gradient x_kᵀδ_k is
+cheaper to form than the Gram matrices, and it is formed instead.
+Goodfellow (2015), "Efficient per-example gradient computations"; Li et al.
+(2022), "Large language models can be strong differentially private learners"
+(ghost clipping).
+
+This module does that for any JAX function by reading its jaxpr. The loss of
+*one* example is traced; a *site* is an equation where a value that depends on
+the parameters but not on the data (a weight, or a transpose, cast or
+broadcast of one) meets the data. Every path from a parameter to the loss
+crosses exactly one site, so the per-example gradient is a sum over sites of
+the pull-back, through the parameter-only computation h, of the site's local
+per-example gradient. For each parameter leaf:
+
+* used by exactly one ``dot_general`` (dense, einsum, attention projection)
+  or embedding ``gather`` through a norm-preserving h (transpose, reshape,
+  cast): the Gram form above (token equality for embeddings);
+* otherwise (biases and scales broadcast into the data, convolutions, tied
+  weights used at several sites, parameters combined with each other): the
+  local per-example gradient of each site is formed by ``vmap`` of that one
+  equation's VJP (cheap for elementwise uses, a batched convolution for
+  convolutions) and pulled back through h, summing all uses of a leaf before
+  its norm is taken, so shared weights are exact;
+* sites that are higher-order equations (``scan``, ``while``, ``cond``,
+  ``custom_jvp_call``, ...) are handled the same way, i.e. ``vmap`` over that
+  whole operation's VJP; a warning names the parameters concerned.
+
+Calls to ``jit``-ed functions, ``closed_call`` and ``remat`` are inlined so
+the layers inside them are seen.
+
+The loss is traced for one example at a time, so it must not couple examples
+(BatchNorm in training mode, losses normalised by batch statistics): a cheap
+probe at trace time evaluates the loss on two random batches that differ only
+in their first example and refuses the function if any other example's loss
+changes. The probe is numerical: a coupling that no random input reveals
+goes undetected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import chex
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+PyTree = Any
+
+# Call-like primitives whose body is interpreted in place, so the sites inside
+# are seen. Their parameter holding the body:
+_INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
+           "core_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr"}
+# Unary parameter-only ops that preserve the norm of the cotangent they pass
+# back (their transpose is an isometry onto its image).
+_ISOMETRIC = {"transpose", "reshape", "squeeze", "expand_dims", "copy",
+              "copy_p", "convert_element_type", "broadcast_in_dim",
+              "reduce_precision"}
+_HIGHEST = lax.Precision.HIGHEST
+
+
+class _Tag(NamedTuple):
+  """What a value of the one-example jaxpr depends on (static)."""
+  data: bool = False  # depends on the example
+  leaves: frozenset = frozenset()  # parameter leaves, if it does not
+  iso: bool = False  # a norm-preserving image of its single leaf
+
+  @property
+  def is_param(self) -> bool:
+    return not self.data and bool(self.leaves)
+
+
+_CONST = _Tag()
+_DATA = _Tag(data=True)
+_ABSENT = object()  # a value the current walk does not compute
+
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+  eqn: Any  # jax.extend.core.JaxprEqn
+  in_tags: tuple[_Tag, ...]
+
+  @property
+  def param_slots(self) -> tuple[int, ...]:
+    return tuple(i for i, t in enumerate(self.in_tags) if t.is_param)
+
+  @property
+  def data_slots(self) -> tuple[int, ...]:
+    return tuple(i for i, t in enumerate(self.in_tags) if t.data)
+
+  @property
+  def fixed_slots(self) -> tuple[int, ...]:
+    """Constant (non-literal) inputs: neither data nor parameters."""
+    return tuple(i for i, (t, v) in enumerate(zip(self.in_tags, self.eqn.invars))
+                 if not t.data and not t.leaves
+                 and not isinstance(v, jex.core.Literal))
+
+  @property
+  def perturbed(self) -> tuple[bool, ...]:
+    return tuple(jnp.issubdtype(v.aval.dtype, jnp.inexact)
+                 for v in self.eqn.outvars)
+
+
+def _bind(eqn, vals: Sequence[Any]) -> list[Any]:
+  params = eqn.primitive.get_bind_params(eqn.params)
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*vals, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _out_tag(eqn, in_tags: Sequence[_Tag]) -> _Tag:
+  """Tag of a non-site equation's outputs."""
+  if any(t.data for t in in_tags):
+    return _DATA
+  leaves = frozenset().union(*(t.leaves for t in in_tags))
+  live = [(t, v) for t, v in zip(in_tags, eqn.invars) if t.leaves]
+  iso = (len(leaves) == 1 and len(live) == 1 and live[0][0].iso
+         and eqn.primitive.name in _ISOMETRIC and len(eqn.outvars) == 1
+         and math.prod(live[0][1].aval.shape)
+         == math.prod(eqn.outvars[0].aval.shape)
+         and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.inexact))
+  return _Tag(leaves=leaves, iso=iso)
+
+
+class _Walker:
+  """Interprets a one-example jaxpr, tracking tags and handling sites.
+
+  mode "discover": tags only, records the sites. "param": computes only
+  parameter-only values, records the parameter operands of every site.
+  "forward": computes everything, adds ``perts[s]`` to the outputs of site s
+  and records its data and constant operands.
+  """
+
+  def __init__(self, mode: str, perts: Optional[list] = None):
+    self.mode = mode
+    self.sites: list[_Site] = []
+    self.param_operands: list[list[Any]] = []
+    self.data_operands: list[list[Any]] = []
+    self.fixed_operands: list[list[Any]] = []
+    self._perts = perts
+    self._count = 0
+
+  def run(self, jaxpr, consts, args, const_tags, arg_tags):
+    env: dict[Any, tuple[Any, _Tag]] = {}
+
+    def read(v):
+      if isinstance(v, jex.core.Literal):
+        return v.val, _CONST
+      return env[v]
+
+    for v, x, t in zip(jaxpr.constvars, consts, const_tags):
+      env[v] = (x, t)
+    for v, x, t in zip(jaxpr.invars, args, arg_tags):
+      env[v] = (x, t)
+    for eqn in jaxpr.eqns:
+      vals, tags = zip(*map(read, eqn.invars)) if eqn.invars else ((), ())
+      is_site = any(t.data for t in tags) and any(t.is_param for t in tags)
+      if is_site and eqn.primitive.name in _INLINE:
+        body = eqn.params[_INLINE[eqn.primitive.name]]
+        inner, inner_consts = ((body.jaxpr, body.consts)
+                               if hasattr(body, "consts") else (body, ()))
+        outs, out_tags = self.run(inner, inner_consts, vals,
+                                  [_CONST] * len(inner_consts), tags)
+      elif is_site:
+        outs = self._site(eqn, vals, tags)
+        out_tags = [_DATA] * len(eqn.outvars)
+      else:
+        tag = _out_tag(eqn, tags)
+        computable = all(v is not _ABSENT for v in vals)
+        outs = (_bind(eqn, vals) if computable
+                else [_ABSENT] * len(eqn.outvars))
+        out_tags = [tag] * len(eqn.outvars)
+      for v, x, t in zip(eqn.outvars, outs, out_tags):
+        env[v] = (x, t)
+    return tuple(zip(*map(read, jaxpr.outvars)))
+
+  def _site(self, eqn, vals, tags):
+    site = _Site(eqn, tuple(tags))
+    self.sites.append(site)
+    if self.mode == "param":
+      self.param_operands.append([vals[i] for i in site.param_slots])
+    if self.mode != "forward":
+      return [_ABSENT] * len(eqn.outvars)
+    outs = _bind(eqn, vals)
+    perts = self._perts[self._count]
+    self._count += 1
+    outs = [o if p is None else o + p for o, p in zip(outs, perts)]
+    self.data_operands.append([vals[i] for i in site.data_slots])
+    self.fixed_operands.append([vals[i] for i in site.fixed_slots])
+    return outs
+
+
+def _site_inputs(site: _Site, params: Sequence[Any], data: Sequence[Any],
+                 fixed: Sequence[Any]) -> list[Any]:
+  vals = [v.val if isinstance(v, jex.core.Literal) else None
+          for v in site.eqn.invars]
+  for slots, xs in ((site.param_slots, params), (site.data_slots, data),
+                    (site.fixed_slots, fixed)):
+    for i, x in zip(slots, xs):
+      vals[i] = x
+  return vals
+
+
+def _local_param_grads(site: _Site, params, data, fixed, deltas) -> list[Any]:
+  """One example's gradient w.r.t. a site's parameter operands (its VJP)."""
+  def local(p):
+    outs = _bind(site.eqn, _site_inputs(site, p, data, fixed))
+    return [o for o, keep in zip(outs, site.perturbed) if keep]
+  _, vjp = jax.vjp(local, list(params))
+  return vjp([d for d, keep in zip(deltas, site.perturbed) if keep])[0]
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _gram_or_outer_sq(x: chex.Array, d: chex.Array) -> chex.Array:
+  """‖Σ_t x_bt d_btᵀ‖² summed over b, for x (B,T,A), d (B,T,C)."""
+  _, t, a = x.shape
+  c = d.shape[-1]
+  x, d = _f32(x), _f32(d)
+  if t * (a + c) <= a * c:
+    kx = jnp.einsum("bta,bsa->bts", x, x, precision=_HIGHEST)
+    kd = jnp.einsum("btc,bsc->bts", d, d, precision=_HIGHEST)
+    return jnp.sum(kx * kd)
+  g = jnp.einsum("bta,btc->bac", x, d, precision=_HIGHEST)
+  return jnp.sum(g * g)
+
+
+def _dot_general_sq(site: _Site, x: chex.Array, delta: chex.Array) -> chex.Array:
+  """Ghost ‖∂f/∂W‖² at ``dot_general(lhs, rhs)`` with W the parameter."""
+  (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
+  w_is_rhs = site.param_slots == (1,)
+  xc, xb = (lc, lb) if w_is_rhs else (rc, rb)
+  w_aval = site.eqn.invars[site.param_slots[0]].aval
+  wc, wb = (rc, rb) if w_is_rhs else (lc, lb)
+  x_free = [i for i in range(x.ndim) if i not in xc and i not in xb]
+  w_free = [i for i in range(w_aval.ndim) if i not in wc and i not in wb]
+  bsz = math.prod(x.shape[i] for i in xb)
+  t = math.prod(x.shape[i] for i in x_free)
+  a = math.prod(x.shape[i] for i in xc)
+  c = math.prod(w_aval.shape[i] for i in w_free)
+  xs = jnp.transpose(x, (*xb, *x_free, *xc)).reshape(bsz, t, a)
+  # dot_general's output is (batch, lhs free, rhs free).
+  nb, nx, nw = len(xb), len(x_free), len(w_free)
+  if not w_is_rhs:
+    delta = jnp.transpose(delta, (*range(nb), *range(nb + nw, nb + nw + nx),
+                                  *range(nb, nb + nw)))
+  return _gram_or_outer_sq(xs, delta.reshape(bsz, t, c))
+
+
+def _is_embedding_gather(site: _Site) -> bool:
+  if site.param_slots != (0,) or site.data_slots != (1,):
+    return False
+  dn = site.eqn.params["dimension_numbers"]
+  table = site.eqn.invars[0].aval
+  out = site.eqn.outvars[0].aval
+  return (table.ndim == 2 and tuple(dn.collapsed_slice_dims) == (0,)
+          and tuple(dn.start_index_map) == (0,)
+          and tuple(dn.offset_dims) == (out.ndim - 1,)
+          and not dn.operand_batching_dims
+          and tuple(site.eqn.params["slice_sizes"]) == (1, table.shape[1]))
+
+
+def _embedding_sq(site: _Site, indices: chex.Array,
+                  delta: chex.Array) -> chex.Array:
+  """‖∂f/∂E‖² for rows E[tok_t]: Σ_{t,t'} [tok_t = tok_t'] δ_t·δ_t'."""
+  vocab, width = site.eqn.invars[0].aval.shape
+  tok = indices[..., 0].reshape(-1)
+  delta = _f32(delta).reshape(-1, width)
+  if site.eqn.params["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
+    delta = jnp.where(((tok >= 0) & (tok < vocab))[:, None], delta, 0.0)
+  tok = jnp.clip(tok, 0, vocab - 1)
+  # Rows of one token add up: sort, then sum runs of equal tokens, O(T d).
+  order = jnp.argsort(tok)
+  tok, delta = tok[order], delta[order]
+  run = jnp.cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                    (tok[1:] != tok[:-1]).astype(jnp.int32)]))
+  rows = jax.ops.segment_sum(delta, run, num_segments=tok.shape[0],
+                             indices_are_sorted=True)
+  return jnp.sum(rows * rows)
+
+
+def _conv_sq(site: _Site, x: chex.Array, delta: chex.Array) -> chex.Array:
+  """Ghost ‖∂f/∂K‖² at ``conv_general_dilated(x, K)``.
+
+  With the patches X (positions × inputs) of each feature group, the kernel
+  gradient of group g is X_gᵀ Δ_g, a dense layer over output positions.
+  """
+  p = site.eqn.params
+  lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+  kernel = site.eqn.invars[1].aval
+  groups = p["feature_group_count"]
+  patches = lax.conv_general_dilated_patches(
+      x, [kernel.shape[i] for i in rhs_spec[2:]], p["window_strides"],
+      p["padding"], p["lhs_dilation"], p["rhs_dilation"],
+      dimension_numbers=p["dimension_numbers"], precision=_HIGHEST)
+  # Both in (batch, spatial..., features) order; features are group-major
+  # (patch features are channel-major, groups own contiguous channels).
+  to_last = lambda a: jnp.transpose(a, (out_spec[0], *out_spec[2:],
+                                        out_spec[1]))
+  patches = to_last(patches).reshape(-1, groups, patches.shape[out_spec[1]]
+                                     // groups)
+  delta = to_last(delta).reshape(-1, groups, delta.shape[out_spec[1]] // groups)
+  return _gram_or_outer_sq(jnp.swapaxes(patches, 0, 1),
+                           jnp.swapaxes(delta, 0, 1))
+
+
+def _ghost_kind(site: _Site) -> Optional[str]:
+  name = site.eqn.primitive.name
+  if (name == "conv_general_dilated" and site.param_slots == (1,)
+      and site.data_slots == (0,) and site.eqn.params["batch_group_count"] == 1):
+    return "conv"
+  if name == "dot_general" and len(site.param_slots) == 1 \
+      and len(site.data_slots) == 1:
+    return "dot_general"
+  if name == "gather" and _is_embedding_gather(site):
+    return "embedding"
+  return None
+
+
+def _ghost_sq(site: _Site, data: Sequence[Any], delta: chex.Array):
+  kind = _ghost_kind(site)
+  if kind == "dot_general":
+    return _dot_general_sq(site, data[0], delta)
+  if kind == "conv":
+    return _conv_sq(site, data[0], delta)
+  return _embedding_sq(site, data[0], delta)
+
+
+class _Plan(NamedTuple):
+  ghost: tuple[int, ...]  # sites whose single parameter operand is ghosted
+  pulled: tuple[tuple[int, int], ...]  # (site, operand) formed and pulled back
+
+
+def _plan(sites: Sequence[_Site]) -> _Plan:
+  uses: dict[int, list[tuple[int, int]]] = {}
+  for s, site in enumerate(sites):
+    for j, slot in enumerate(site.param_slots):
+      for leaf in site.in_tags[slot].leaves:
+        uses.setdefault(leaf, []).append((s, j))
+  ghost = []
+  for s, site in enumerate(sites):
+    if _ghost_kind(site) is None:
+      continue
+    tag = site.in_tags[site.param_slots[0]]
+    if tag.iso and len(uses[next(iter(tag.leaves))]) == 1:
+      ghost.append(s)
+  pulled = tuple((s, j) for s, site in enumerate(sites) if s not in ghost
+                 for j in range(len(site.param_slots)))
+  return _Plan(tuple(ghost), pulled)
+
+
+def _warn_higher_order(sites: Sequence[_Site], plan: _Plan,
+                       names: Sequence[str]) -> None:
+  by_prim: dict[str, set[str]] = {}
+  for s, _ in plan.pulled:
+    site = sites[s]
+    if any(True for _ in jex.core.jaxprs_in_params(site.eqn.params)):
+      leaves = frozenset().union(*(site.in_tags[i].leaves
+                                   for i in site.param_slots))
+      by_prim.setdefault(site.eqn.primitive.name, set()).update(
+          names[i] for i in leaves)
+  for prim, leaf_names in sorted(by_prim.items()):
+    warnings.warn(
+        f"ghost norms: parameters {sorted(leaf_names)} are used inside "
+        f"`{prim}`, whose jaxpr is not traced through; their per-example "
+        "gradients are computed by vmap over that operation's VJP (exact, "
+        "but costs memory m × their size).", stacklevel=4)
+
+
+def _random_like(rng: np.random.Generator, shape, dtype) -> np.ndarray:
+  if jnp.issubdtype(dtype, jnp.inexact):
+    return (0.5 * rng.standard_normal(shape)).astype(dtype)
+  if jnp.issubdtype(dtype, jnp.bool_):
+    return rng.integers(0, 2, shape).astype(bool)
+  return rng.integers(0, 2, shape).astype(dtype)
+
+
+def check_separable(loss_fn: Callable[[PyTree, PyTree], chex.Array],
+                    params: PyTree, batch: PyTree) -> None:
+  """Refuses a loss in which one example's loss depends on another example.
+
+  Evaluates ``loss_fn`` (at trace time, on random parameters and three random
+  examples shaped like ``batch``'s) twice, changing only the first example;
+  raises ``ValueError`` if the losses of the others change.
+  """
+  rng = np.random.default_rng(0)
+  with jax.ensure_compile_time_eval():
+    p = jax.tree.map(lambda x: _random_like(rng, x.shape, x.dtype), params)
+    b = jax.tree.map(
+        lambda x: _random_like(rng, (3,) + x.shape[1:], x.dtype), batch)
+    b2 = jax.tree.map(
+        lambda x: np.concatenate(
+            [_random_like(rng, (1,) + x.shape[1:], x.dtype), x[1:]]), b)
+    before = np.asarray(loss_fn(p, b), np.float64)[1:]
+    after = np.asarray(loss_fn(p, b2), np.float64)[1:]
+  if not np.allclose(before, after, rtol=1e-5, atol=1e-6, equal_nan=True):
+    raise ValueError(
+        "loss_fn couples examples: changing example 0 of a batch changed the "
+        f"losses of the others ({before} -> {after}). Per-example gradients "
+        "are undefined for such a loss (BatchNorm in training mode, "
+        "normalisation by batch statistics, ...); use per-example "
+        "normalisation (LayerNorm/GroupNorm) or BatchNorm in inference mode.")
+
+
+def _pulled_back_sq(sites, pulled, site_params, p_leaves, data_ops, fixed_ops,
+                    deltas) -> chex.Array:
+  """Σ over the leaves involved of ‖J_hᵀ Σ_s G_{s,k}‖², per example k.
+
+  G_{s,k} is site s's local per-example gradient w.r.t. its parameter operands
+  and h maps the parameter leaves to those operands; all uses of a leaf are
+  summed before the norm, so tied weights are exact.
+  """
+  involved = sorted(frozenset().union(*(
+      sites[s].in_tags[sites[s].param_slots[j]].leaves for s, j in pulled)))
+
+  def operands_of(sub):
+    pl = list(p_leaves)
+    for i, x in zip(involved, sub):
+      pl[i] = x
+    ops = site_params(pl)
+    return [ops[s][j] for s, j in pulled]
+
+  _, pull_back = jax.vjp(operands_of, [p_leaves[i] for i in involved])
+  operands = site_params(p_leaves)
+  pulled_sites = sorted({s for s, _ in pulled})
+
+  def per_example(data_k, deltas_k):
+    local = {s: _local_param_grads(sites[s], operands[s], data_k[s],
+                                   fixed_ops[s], deltas_k[s])
+             for s in pulled_sites}
+    (grads,) = pull_back([local[s][j] for s, j in pulled])
+    return sum(jnp.sum(jnp.square(_f32(g))) for g in grads)
+
+  return jax.vmap(per_example)(data_ops, deltas)
+
+
+def value_grad_and_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],
+                         params: PyTree, batch: PyTree,
+                         weights: chex.Array, *, separable_check: bool = True
+                         ) -> tuple[chex.Array, PyTree, chex.Array]:
+  """Losses, ∇ Σ_k weights_k f_k and exact ‖∇f_k‖, from one backward pass.
+
+  See the module docstring for the method. ``weights`` (m,) must be nonzero
+  where a norm is wanted: the norms are recovered from the weighted backward
+  pass as ‖∇(w_k f_k)‖ / |w_k| (NaN where w_k = 0).
+  """
+  p_leaves, p_def = jax.tree.flatten(params)
+  b_leaves, b_def = jax.tree.flatten(batch)
+  m = b_leaves[0].shape[0]
+  if separable_check:
+    check_separable(loss_fn, params, batch)
+  names = [jax.tree_util.keystr(k)
+           for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+  def one(pl, bl):
+    return loss_fn(p_def.unflatten(pl), b_def.unflatten(bl))[0]
+
+  example = [jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype)
+             for x in b_leaves]
+  closed = jax.make_jaxpr(one)(p_leaves, example)
+  jaxpr, consts = closed.jaxpr, closed.consts
+  p_tags = [_Tag(leaves=frozenset([i]), iso=True)
+            if jnp.issubdtype(x.dtype, jnp.inexact) else _CONST
+            for i, x in enumerate(p_leaves)]
+  arg_tags = p_tags + [_DATA] * len(b_leaves)
+  const_tags = [_CONST] * len(consts)
+
+  discover = _Walker("discover")
+  _, (out_tag,) = discover.run(jaxpr, [_ABSENT] * len(consts),
+                               [_ABSENT] * len(arg_tags), const_tags, arg_tags)
+  if not out_tag.data:
+    raise ValueError("loss_fn's per-example loss does not depend on the batch.")
+  sites = discover.sites
+  plan = _plan(sites)
+  _warn_higher_order(sites, plan, names)
+
+  def forward(pl, perts, bl):
+    walker = _Walker("forward", perts)
+    (loss,), _ = walker.run(jaxpr, consts, [*pl, *(x[None] for x in bl)],
+                            const_tags, arg_tags)
+    return loss, (walker.data_operands, walker.fixed_operands)
+
+  def site_params(pl):
+    walker = _Walker("param")
+    walker.run(jaxpr, consts, [*pl, *[_ABSENT] * len(b_leaves)], const_tags,
+               arg_tags)
+    return walker.param_operands
+
+  perts = [[jnp.zeros((m,) + v.aval.shape, v.aval.dtype) if keep else None
+            for v, keep in zip(site.eqn.outvars, site.perturbed)]
+           for site in sites]
+  batched = jax.vmap(forward, in_axes=(None, 0, 0), out_axes=(0, (0, None)))
+  losses, backward, (data_ops, fixed_ops) = jax.vjp(
+      lambda pl, pt: batched(pl, pt, b_leaves), p_leaves, perts, has_aux=True)
+  grad_leaves, deltas = backward(weights.astype(losses.dtype))
+
+  sq = jnp.zeros((m,), jnp.float32)
+  for s in plan.ghost:
+    delta = deltas[s][0]
+    sq += jax.vmap(lambda d, x: _ghost_sq(sites[s], x, d))(delta, data_ops[s])
+  if plan.pulled:
+    sq += _pulled_back_sq(sites, plan.pulled, site_params, p_leaves, data_ops,
+                          fixed_ops, deltas)
+  norms = jnp.sqrt(sq) / jnp.abs(weights).astype(jnp.float32)
+  return losses, p_def.unflatten(grad_leaves), norms

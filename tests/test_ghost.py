@@ -1,0 +1,145 @@
+"""Ghost norms agree with the vmap reference on a zoo of models."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import export
+
+import rais_jax as rj
+from rais_jax import zoo
+
+M = 6
+
+
+def _vmap_norms(loss_fn, params, batch):
+  return jax.jit(lambda p, b: rj.per_example_grad_norms(loss_fn, p, b, method="vmap"))(
+      params, batch)
+
+
+def _reference(problem, weights):
+  @jax.jit
+  def parts(p, b):
+    losses, backward = jax.vjp(lambda q: problem.loss_fn(q, b), p)
+    return losses, backward(weights)[0]
+  losses, grads = parts(problem.params, problem.batch)
+  return losses, grads, _vmap_norms(problem.loss_fn, problem.params, problem.batch)
+
+
+def _assert_grads_close(grads, ref):
+  # Relative to the largest entry, so leaves whose gradient is exactly zero in
+  # theory (the key bias of attention) compare at round-off.
+  scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6 * scale), grads, ref)
+
+
+@pytest.mark.parametrize("name", sorted(zoo.ZOO))
+def test_zoo_matches_vmap(name):
+  problem = zoo.ZOO[name](M)
+  weights = jax.random.uniform(jax.random.key(3), (M,), minval=0.2, maxval=3.0)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    losses, grads, norms = jax.jit(
+        lambda p, b: rj.value_grad_and_norms(problem.loss_fn, p, b, weights=weights))(
+            problem.params, problem.batch)
+  ref_losses, ref_grads, ref_norms = _reference(problem, weights)
+  np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  _assert_grads_close(grads, ref_grads)
+  messages = [str(w.message) for w in caught if "ghost norms" in str(w.message)]
+  if name == "scan_layers":
+    # The fallback path: the parameters used inside the scan are named.
+    assert len(messages) == 1 and "['w']" in messages[0] and "['b']" in messages[0]
+    assert "scan" in messages[0] and "['out']" not in messages[0]
+  else:
+    assert not messages
+
+
+def test_parameters_combined_before_use():
+  """Weight normalisation (W = g v/‖v‖) and a weight used twice in one layer:
+  the per-example gradient is pulled back through the parameter-only map."""
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = {"v": jax.random.normal(k1, (5, 4)), "g": jnp.array(1.7),
+            "w": jax.random.normal(k2, (4, 4))}
+  batch = {"x": jax.random.normal(k3, (M, 5)), "label": jnp.arange(M) % 4}
+
+  def loss_fn(p, b):
+    w = p["g"] * p["v"] / jnp.linalg.norm(p["v"])
+    h = jnp.tanh(b["x"] @ w)
+    h = h @ p["w"] + jnp.tanh(h) @ p["w"].T + jnp.sum(p["w"] ** 2)
+    return optax.softmax_cross_entropy_with_integer_labels(h, b["label"])
+
+  ghost = rj.per_example_grad_norms(loss_fn, params, batch)
+  ref = _vmap_norms(loss_fn, params, batch)
+  np.testing.assert_allclose(ghost, ref, rtol=1e-5)
+
+
+def test_out_of_range_and_negative_tokens():
+  """jnp.take wraps negative ids and drops out-of-range ones (fill mode)."""
+  problem = zoo.text(M)
+  x = problem.batch["x"].at[0, :3].set(jnp.array([-1, 7, 1000]))
+  batch = {**problem.batch, "x": x}
+  ghost = rj.per_example_grad_norms(problem.loss_fn, problem.params, batch)
+  ref = _vmap_norms(problem.loss_fn, problem.params, batch)
+  np.testing.assert_allclose(ghost, ref, rtol=1e-5)
+
+
+def test_shape_polymorphic_in_batch_size():
+  problem = zoo.transformer(M)
+  fn = jax.jit(lambda p, b: rj.per_example_grad_norms(problem.loss_fn, p, b))
+  (m,) = export.symbolic_shape("m")
+  spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype),
+                      problem.batch)
+  exported = export.export(fn)(problem.params, spec)
+  for size in (3, 11):
+    batch = jax.tree.map(lambda x: jnp.concatenate([x, x])[:size], problem.batch)
+    ref = _vmap_norms(problem.loss_fn, problem.params, batch)
+    np.testing.assert_allclose(exported.call(problem.params, batch), ref, rtol=1e-5)
+
+
+def _coupled_losses():
+  problem = zoo.mlp(M)
+
+  def batch_norm(p, b):  # BatchNorm in training mode: batch statistics
+    x = b["x"]
+    x = (x - x.mean(0)) / jnp.sqrt(x.var(0) + 1e-5)
+    return problem.loss_fn(p, {**b, "x": x})
+
+  def centred(p, b):  # a batch-level reduction
+    losses = problem.loss_fn(p, b)
+    return losses - losses.mean()
+
+  return problem, {"batch_norm": batch_norm, "centred": centred}
+
+
+@pytest.mark.parametrize("kind", ["batch_norm", "centred"])
+def test_coupled_losses_are_refused(kind):
+  problem, losses = _coupled_losses()
+  with pytest.raises(ValueError, match="couples examples"):
+    jax.jit(lambda p, b: rj.per_example_grad_norms(losses[kind], p, b))(
+        problem.params, problem.batch)
+  # The check can be skipped; the norms are then those of the loss traced for
+  # one example at a time.
+  rj.per_example_grad_norms(losses[kind], problem.params, problem.batch,
+                            separable_check=False)
+
+
+def test_weights_and_errors():
+  problem = zoo.mlp(M)
+  weights = jnp.array([1.0, 0.0, 2.0, 1.0, 1.0, 1.0])
+  _, _, norms = rj.value_grad_and_norms(problem.loss_fn, problem.params, problem.batch,
+                                        weights=weights)
+  ref = rj.per_example_grad_norms(problem.loss_fn, problem.params, problem.batch)
+  assert np.isnan(norms[1])
+  np.testing.assert_allclose(np.delete(norms, 1), np.delete(ref, 1), rtol=1e-6)
+  with pytest.raises(ValueError, match="weights must have shape"):
+    rj.value_grad_and_norms(problem.loss_fn, problem.params, problem.batch,
+                            weights=jnp.ones(3))
+  with pytest.raises(ValueError, match="does not depend on the batch"):
+    rj.per_example_grad_norms(
+        lambda p, b: jnp.broadcast_to(jnp.sum(p["out"]["bias"][...]), b["label"].shape),
+                              problem.params, problem.batch, separable_check=False)
