@@ -71,7 +71,12 @@ _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr",
 _ISOMETRIC = {"transpose", "reshape", "squeeze", "expand_dims", "copy",
               "copy_p", "convert_element_type", "broadcast_in_dim",
               "reduce_precision"}
+_CASTS = ("convert_element_type", "copy", "copy_p", "reduce_precision")
 _HIGHEST = lax.Precision.HIGHEST
+# Scans over at most this many steps whose parameters are all scanned over
+# (stacked layers, not weights shared by the steps) are unrolled, so each
+# step's layers are ghosted; other scans fall back to vmap.
+MAX_UNROLL = 64
 
 
 class _Tag(NamedTuple):
@@ -79,6 +84,9 @@ class _Tag(NamedTuple):
   data: bool = False  # depends on the example
   leaves: frozenset = frozenset()  # parameter leaves, if it does not
   iso: bool = False  # a norm-preserving image of its single leaf
+  layout: Optional[int] = None  # 2-D leaf seen as is (0) or transposed (1)
+  part: tuple[int, ...] = ()  # leaf[part] (set by unrolled scans), if iso
+  exact: bool = False  # equal to leaf[part] up to a cast
 
   @property
   def is_param(self) -> bool:
@@ -134,7 +142,32 @@ def _out_tag(eqn, in_tags: Sequence[_Tag]) -> _Tag:
          and math.prod(live[0][1].aval.shape)
          == math.prod(eqn.outvars[0].aval.shape)
          and jnp.issubdtype(eqn.outvars[0].aval.dtype, jnp.inexact))
-  return _Tag(leaves=leaves, iso=iso)
+  if not iso:
+    return _Tag(leaves=leaves)
+  parent, name = live[0][0], eqn.primitive.name
+  exact = parent.exact and name in _CASTS
+  layout = None
+  if parent.layout is not None:
+    if name == "transpose" and tuple(eqn.params["permutation"]) == (1, 0):
+      layout = 1 - parent.layout
+    elif name in _CASTS:
+      layout = parent.layout
+  return _Tag(leaves=leaves, iso=True, layout=layout, part=parent.part,
+              exact=exact)
+
+
+def _slice_tag(tag: _Tag, i: int, ndim: int) -> _Tag:
+  """Tag of ``x[i]`` for x with tag ``tag`` (a scanned-over input)."""
+  if not tag.iso:
+    return tag
+  return _Tag(leaves=tag.leaves, iso=True, part=tag.part + (i,),
+              exact=tag.exact, layout=0 if tag.exact and ndim == 2 else None)
+
+
+def _merge_tags(tags: Sequence[_Tag]) -> _Tag:
+  if any(t.data for t in tags):
+    return _DATA
+  return _Tag(leaves=frozenset().union(*(t.leaves for t in tags)))
 
 
 class _Walker:
@@ -176,6 +209,8 @@ class _Walker:
                                if hasattr(body, "consts") else (body, ()))
         outs, out_tags = self.run(inner, inner_consts, vals,
                                   [_CONST] * len(inner_consts), tags)
+      elif is_site and _unrollable(eqn, tags):
+        outs, out_tags = self._unroll_scan(eqn, vals, tags)
       elif is_site:
         outs = self._site(eqn, vals, tags)
         out_tags = [_DATA] * len(eqn.outvars)
@@ -188,6 +223,26 @@ class _Walker:
       for v, x, t in zip(eqn.outvars, outs, out_tags):
         env[v] = (x, t)
     return tuple(zip(*map(read, jaxpr.outvars)))
+
+  def _unroll_scan(self, eqn, vals, tags):
+    p = eqn.params
+    body, nc, nk = p["jaxpr"], p["num_consts"], p["num_carry"]
+    carry, carry_tags = list(vals[nc:nc + nk]), list(tags[nc:nc + nk])
+    steps = range(p["length"])
+    ys = [None] * p["length"]
+    for i in (reversed(steps) if p["reverse"] else steps):
+      xs = [_ABSENT if x is _ABSENT else x[i] for x in vals[nc + nk:]]
+      xs_tags = [_slice_tag(t, i, v.aval.ndim - 1)
+                 for t, v in zip(tags[nc + nk:], eqn.invars[nc + nk:])]
+      outs, out_tags = self.run(
+          body.jaxpr, body.consts, [*vals[:nc], *carry, *xs],
+          [_CONST] * len(body.consts), [*tags[:nc], *carry_tags, *xs_tags])
+      carry, carry_tags = list(outs[:nk]), list(out_tags[:nk])
+      ys[i] = (outs[nk:], out_tags[nk:])
+    stacked = [_ABSENT if any(y is _ABSENT for y in col) else jnp.stack(col)
+               for col in zip(*(y[0] for y in ys))]
+    stacked_tags = [_merge_tags(col) for col in zip(*(y[1] for y in ys))]
+    return carry + stacked, carry_tags + stacked_tags
 
   def _site(self, eqn, vals, tags):
     site = _Site(eqn, tuple(tags))
@@ -203,6 +258,12 @@ class _Walker:
     self.data_operands.append([vals[i] for i in site.data_slots])
     self.fixed_operands.append([vals[i] for i in site.fixed_slots])
     return outs
+
+
+def _unrollable(eqn, tags: Sequence[_Tag]) -> bool:
+  if eqn.primitive.name != "scan" or eqn.params["length"] > MAX_UNROLL:
+    return False
+  return not any(t.is_param for t in tags[:eqn.params["num_consts"]])
 
 
 def _site_inputs(site: _Site, params: Sequence[Any], data: Sequence[Any],
@@ -242,13 +303,23 @@ def _gram_or_outer_sq(x: chex.Array, d: chex.Array) -> chex.Array:
   return jnp.sum(g * g)
 
 
-def _dot_general_sq(site: _Site, x: chex.Array, delta: chex.Array) -> chex.Array:
-  """Ghost ‖∂f/∂W‖² at ``dot_general(lhs, rhs)`` with W the parameter."""
+def _dot_general_dims(site: _Site):
+  """(x contracting, x batch, W contracting, W batch) dims of a dense site."""
   (lc, rc), (lb, rb) = site.eqn.params["dimension_numbers"]
+  if site.param_slots == (1,):
+    return lc, lb, rc, rb
+  return rc, rb, lc, lb
+
+
+def _dot_general_factors(site: _Site, x: chex.Array, delta: chex.Array):
+  """x as (B, T, A) and δ as (B, T, C): ∂f/∂W = [x_bᵀ δ_b]_b.
+
+  B are the batch dims shared by x and W (e.g. heads), T the positions (x's
+  free dims), A the contracted inputs, C W's free dims (outputs).
+  """
+  xc, xb, wc, wb = _dot_general_dims(site)
   w_is_rhs = site.param_slots == (1,)
-  xc, xb = (lc, lb) if w_is_rhs else (rc, rb)
   w_aval = site.eqn.invars[site.param_slots[0]].aval
-  wc, wb = (rc, rb) if w_is_rhs else (lc, lb)
   x_free = [i for i in range(x.ndim) if i not in xc and i not in xb]
   w_free = [i for i in range(w_aval.ndim) if i not in wc and i not in wb]
   bsz = math.prod(x.shape[i] for i in xb)
@@ -261,7 +332,12 @@ def _dot_general_sq(site: _Site, x: chex.Array, delta: chex.Array) -> chex.Array
   if not w_is_rhs:
     delta = jnp.transpose(delta, (*range(nb), *range(nb + nw, nb + nw + nx),
                                   *range(nb, nb + nw)))
-  return _gram_or_outer_sq(xs, delta.reshape(bsz, t, c))
+  return xs, delta.reshape(bsz, t, c)
+
+
+def _dot_general_sq(site: _Site, x: chex.Array, delta: chex.Array) -> chex.Array:
+  """Ghost ‖∂f/∂W‖² at ``dot_general(lhs, rhs)`` with W the parameter."""
+  return _gram_or_outer_sq(*_dot_general_factors(site, x, delta))
 
 
 def _is_embedding_gather(site: _Site) -> bool:
@@ -277,15 +353,28 @@ def _is_embedding_gather(site: _Site) -> bool:
           and tuple(site.eqn.params["slice_sizes"]) == (1, table.shape[1]))
 
 
-def _embedding_sq(site: _Site, indices: chex.Array,
-                  delta: chex.Array) -> chex.Array:
-  """‖∂f/∂E‖² for rows E[tok_t]: Σ_{t,t'} [tok_t = tok_t'] δ_t·δ_t'."""
+class _Tokens(NamedTuple):
+  """Rows e_{tok_t} of an embedding gradient, kept as indices (T,)."""
+  tok: chex.Array
+  valid: chex.Array
+
+
+def _embedding_factors(site: _Site, indices: chex.Array, delta: chex.Array
+                       ) -> tuple[_Tokens, chex.Array]:
+  """∂f/∂E = Σ_t e_{tok_t} δ_tᵀ for the lookup E[tok]; δ as (T, width)."""
   vocab, width = site.eqn.invars[0].aval.shape
   tok = indices[..., 0].reshape(-1)
-  delta = _f32(delta).reshape(-1, width)
+  valid = jnp.ones(tok.shape, bool)
   if site.eqn.params["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
-    delta = jnp.where(((tok >= 0) & (tok < vocab))[:, None], delta, 0.0)
-  tok = jnp.clip(tok, 0, vocab - 1)
+    valid = (tok >= 0) & (tok < vocab)  # dropped lookups get no gradient
+  delta = jnp.where(valid[:, None], _f32(delta).reshape(-1, width), 0.0)
+  return _Tokens(jnp.clip(tok, 0, vocab - 1), valid), delta
+
+
+def _embedding_sq(site: _Site, indices: chex.Array,
+                  delta: chex.Array) -> chex.Array:
+  """‖∂f/∂E‖² = Σ_{t,t'} [tok_t = tok_t'] δ_t·δ_t'."""
+  (tok, _), delta = _embedding_factors(site, indices, delta)
   # Rows of one token add up: sort, then sum runs of equal tokens, O(T d).
   order = jnp.argsort(tok)
   tok, delta = tok[order], delta[order]
@@ -343,27 +432,106 @@ def _ghost_sq(site: _Site, data: Sequence[Any], delta: chex.Array):
   return _embedding_sq(site, data[0], delta)
 
 
+def _shared_factors(site: _Site, layout: int, data: Sequence[Any],
+                    delta: chex.Array):
+  """A site's ∂f/∂W as Σ_t r_t c_tᵀ in the 2-D leaf's own axes: (r, c)."""
+  if _ghost_kind(site) == "embedding":
+    return _embedding_factors(site, data[0], delta)
+  xs, ds = _dot_general_factors(site, data[0], delta)
+  xs, ds = _f32(xs[0]), _f32(ds[0])
+  (w_contracted,) = _dot_general_dims(site)[2]
+  # The leaf's axis 0 is the site operand's axis `layout`.
+  return (xs, ds) if w_contracted == layout else (ds, xs)
+
+
+def _factor_gram(a, b) -> chex.Array:
+  """[⟨a_t, b_s⟩]_{t,s} for factors given densely (T, D) or as _Tokens."""
+  if isinstance(a, _Tokens) and isinstance(b, _Tokens):
+    return ((a.tok[:, None] == b.tok[None, :]) & a.valid[:, None]
+            & b.valid[None, :]).astype(jnp.float32)
+  if isinstance(b, _Tokens):
+    return _factor_gram(b, a).T
+  if isinstance(a, _Tokens):  # ⟨e_tok, b_s⟩ = b_s[tok]
+    return jnp.where(a.valid[:, None], b[:, a.tok].T, 0.0)
+  return jnp.einsum("td,sd->ts", a, b, precision=_HIGHEST)
+
+
+def _shared_sq(sites: Sequence[_Site], group: tuple[int, ...],
+               layouts: tuple[int, ...], data: Sequence[Any],
+               deltas: Sequence[Any]) -> chex.Array:
+  """‖Σ_s Σ_t r_st c_stᵀ‖² for a 2-D weight used at several sites (tied):
+  Σ over pairs of sites of Σ_{t,t'} ⟨r_st, r_s't'⟩ ⟨c_st, c_s't'⟩."""
+  factors = [_shared_factors(sites[s], layout, data[s], deltas[s][0])
+             for s, layout in zip(group, layouts)]
+  return sum(jnp.sum(_factor_gram(ra, rb) * _factor_gram(ca, cb))
+             for ra, ca in factors for rb, cb in factors)
+
+
+def _positions(site: _Site) -> int:
+  """T of a site that qualifies for the shared (tied) Gram form, else 0."""
+  kind = _ghost_kind(site)
+  if kind == "embedding":
+    return math.prod(site.eqn.invars[1].aval.shape[:-1])
+  if kind != "dot_general":
+    return 0
+  xc, xb, wc, wb = _dot_general_dims(site)
+  x = site.eqn.invars[site.data_slots[0]].aval
+  if xb or wb or len(wc) != 1:
+    return 0
+  return math.prod(x.shape) // x.shape[xc[0]]
+
+
 class _Plan(NamedTuple):
   ghost: tuple[int, ...]  # sites whose single parameter operand is ghosted
+  # 2-D leaves used at several sites (tied): (sites, each one's layout).
+  shared: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
   pulled: tuple[tuple[int, int], ...]  # (site, operand) formed and pulled back
 
 
 def _plan(sites: Sequence[_Site]) -> _Plan:
-  uses: dict[int, list[tuple[int, int]]] = {}
+  part_uses: dict[tuple[int, tuple], list[tuple[int, int]]] = {}
   for s, site in enumerate(sites):
     for j, slot in enumerate(site.param_slots):
-      for leaf in site.in_tags[slot].leaves:
-        uses.setdefault(leaf, []).append((s, j))
-  ghost = []
-  for s, site in enumerate(sites):
-    if _ghost_kind(site) is None:
+      tag = site.in_tags[slot]
+      for leaf in tag.leaves:
+        part_uses.setdefault((leaf, tag.part), []).append((s, j))
+  # Disjoint parts of a leaf (e.g. the layers of an unrolled scan) have
+  # orthogonal gradients, so each is a unit of its own; if one part contains
+  # another, the whole leaf is one unit.
+  parts: dict[int, list[tuple]] = {}
+  for leaf, part in part_uses:
+    parts.setdefault(leaf, []).append(part)
+  uses: dict[tuple[int, tuple], list[tuple[int, int]]] = {}
+  for (leaf, part), unit_uses in part_uses.items():
+    nested = any(a != b and a[:len(b)] == b for a in parts[leaf]
+                 for b in parts[leaf])
+    uses.setdefault((leaf, () if nested else part), []).extend(unit_uses)
+  ghost, shared, covered = [], [], set()
+  for leaf_uses in uses.values():
+    tags = [sites[s].in_tags[sites[s].param_slots[j]] for s, j in leaf_uses]
+    if not all(t.iso and _ghost_kind(sites[s]) for t, (s, _) in
+               zip(tags, leaf_uses)):
       continue
-    tag = site.in_tags[site.param_slots[0]]
-    if tag.iso and len(uses[next(iter(tag.leaves))]) == 1:
-      ghost.append(s)
-  pulled = tuple((s, j) for s, site in enumerate(sites) if s not in ghost
+    if len(leaf_uses) == 1:
+      ghost.append(leaf_uses[0][0])
+      covered.add(leaf_uses[0][0])
+      continue
+    group = tuple(s for s, _ in leaf_uses)
+    layouts = tuple(t.layout for t in tags)
+    embedding_ok = all(l == 0 for s, l in zip(group, layouts)
+                       if _ghost_kind(sites[s]) == "embedding")
+    if (None in layouts or len({t.part for t in tags}) > 1 or not embedding_ok
+        or not all(_positions(sites[s]) for s in group)):
+      continue
+    positions = sum(_positions(sites[s]) for s in group)
+    rows, cols = sites[group[0]].eqn.invars[
+        sites[group[0]].param_slots[0]].aval.shape
+    if positions * (rows + cols) <= rows * cols:  # the Gram form is cheaper
+      shared.append((group, layouts))
+      covered.update(group)
+  pulled = tuple((s, j) for s, site in enumerate(sites) if s not in covered
                  for j in range(len(site.param_slots)))
-  return _Plan(tuple(ghost), pulled)
+  return _Plan(tuple(sorted(ghost)), tuple(shared), pulled)
 
 
 def _warn_higher_order(sites: Sequence[_Site], plan: _Plan,
@@ -379,9 +547,10 @@ def _warn_higher_order(sites: Sequence[_Site], plan: _Plan,
   for prim, leaf_names in sorted(by_prim.items()):
     warnings.warn(
         f"ghost norms: parameters {sorted(leaf_names)} are used inside "
-        f"`{prim}`, whose jaxpr is not traced through; their per-example "
-        "gradients are computed by vmap over that operation's VJP (exact, "
-        "but costs memory m × their size).", stacklevel=4)
+        f"`{prim}`; their per-example gradients are computed by vmap over that "
+        "operation's VJP (exact, but memory m × their size). Ghost norms see "
+        "inside jit, closed_call, remat and scans of at most "
+        f"{MAX_UNROLL} steps over stacked (not shared) weights.", stacklevel=4)
 
 
 def _random_like(rng: np.random.Generator, shape, dtype) -> np.ndarray:
@@ -476,7 +645,8 @@ def value_grad_and_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],
              for x in b_leaves]
   closed = jax.make_jaxpr(one)(p_leaves, example)
   jaxpr, consts = closed.jaxpr, closed.consts
-  p_tags = [_Tag(leaves=frozenset([i]), iso=True)
+  p_tags = [_Tag(leaves=frozenset([i]), iso=True, exact=True,
+                 layout=0 if x.ndim == 2 else None)
             if jnp.issubdtype(x.dtype, jnp.inexact) else _CONST
             for i, x in enumerate(p_leaves)]
   arg_tags = p_tags + [_DATA] * len(b_leaves)
@@ -515,6 +685,9 @@ def value_grad_and_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],
   for s in plan.ghost:
     delta = deltas[s][0]
     sq += jax.vmap(lambda d, x: _ghost_sq(sites[s], x, d))(delta, data_ops[s])
+  for group, layouts in plan.shared:
+    sq += jax.vmap(lambda dt, d: _shared_sq(sites, group, layouts, dt, d))(
+        data_ops, deltas)
   if plan.pulled:
     sq += _pulled_back_sq(sites, plan.pulled, site_params, p_leaves, data_ops,
                           fixed_ops, deltas)

@@ -51,9 +51,9 @@ def test_zoo_matches_vmap(name):
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
   _assert_grads_close(grads, ref_grads)
   messages = [str(w.message) for w in caught if "ghost norms" in str(w.message)]
-  if name == "scan_layers":
-    # The fallback path: the parameters used inside the scan are named.
-    assert len(messages) == 1 and "['w']" in messages[0] and "['b']" in messages[0]
+  if name == "rnn":
+    # The fallback path: the parameters shared by the scan's steps are named.
+    assert len(messages) == 1 and "['w_in']" in messages[0] and "['w_h']" in messages[0]
     assert "scan" in messages[0] and "['out']" not in messages[0]
   else:
     assert not messages
@@ -143,3 +143,39 @@ def test_weights_and_errors():
     rj.per_example_grad_norms(
         lambda p, b: jnp.broadcast_to(jnp.sum(p["out"]["bias"][...]), b["label"].shape),
                               problem.params, problem.batch, separable_check=False)
+
+
+def test_unrolled_scans():
+  """Scans over stacked weights are unrolled (each step's layer ghosted):
+  a reversed scan, a nested one, and a stacked weight also used whole outside
+  the scan (then its parts overlap and the whole leaf is pulled back)."""
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  params = {"w": jax.random.normal(k1, (3, 4, 4)) / 2,
+            "v": jax.random.normal(k2, (2, 3, 4, 4)) / 2,
+            "u": jax.random.normal(k3, (2, 4, 4)) / 2}
+  batch = {"x": jax.random.normal(k4, (M, 4)), "label": jnp.arange(M) % 4}
+
+  def loss_fn(p, b):
+    def layer(h, w):
+      return jnp.tanh(h @ w), None
+    h, _ = jax.lax.scan(layer, b["x"], p["w"], reverse=True)
+    h, _ = jax.lax.scan(lambda h, v: jax.lax.scan(layer, h, v), h, p["v"])
+    h, _ = jax.lax.scan(layer, h @ p["u"].sum(0), p["u"])
+    return optax.softmax_cross_entropy_with_integer_labels(h, b["label"])
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no fallback
+    ghost = rj.per_example_grad_norms(loss_fn, params, batch)
+  np.testing.assert_allclose(ghost, _vmap_norms(loss_fn, params, batch), rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [2, 8])
+def test_tied_weight_gram_and_pulled_back(length):
+  """The tied model at T=2 uses the shared Gram form ((T+1)(V+d) ≤ V d) and
+  at T=8 pulls the per-example gradients back instead; both are exact."""
+  problem = zoo.tied(M)
+  batch = {"x": jnp.tile(problem.batch["x"], (1, 4))[:, :length],
+           "label": problem.batch["label"]}
+  ghost = rj.per_example_grad_norms(problem.loss_fn, problem.params, batch)
+  np.testing.assert_allclose(ghost, _vmap_norms(problem.loss_fn, problem.params, batch),
+                             rtol=1e-5)
