@@ -375,13 +375,18 @@ def _embedding_sq(site: _Site, indices: chex.Array,
                   delta: chex.Array) -> chex.Array:
   """‖∂f/∂E‖² = Σ_{t,t'} [tok_t = tok_t'] δ_t·δ_t'."""
   (tok, _), delta = _embedding_factors(site, indices, delta)
-  # Rows of one token add up: sort, then sum runs of equal tokens, O(T d).
-  order = jnp.argsort(tok)
-  tok, delta = tok[order], delta[order]
-  run = jnp.cumsum(jnp.concatenate([jnp.zeros((1,), jnp.int32),
-                                    (tok[1:] != tok[:-1]).astype(jnp.int32)]))
-  rows = jax.ops.segment_sum(delta, run, num_segments=tok.shape[0],
-                             indices_are_sorted=True)
+  t = tok.shape[0]
+  # Rows of one token add up. Label each position by its token's first
+  # position (T² integer compares, cheaper than a sort on CPU for short
+  # sequences) or by its run in sorted order, then sum rows per label, O(T d).
+  if t <= 512:
+    label = jnp.argmax(tok[:, None] == tok[None, :], axis=1)
+  else:
+    order = jnp.argsort(tok)
+    tok, delta = tok[order], delta[order]
+    label = jnp.cumsum(jnp.concatenate(
+        [jnp.zeros((1,), jnp.int32), (tok[1:] != tok[:-1]).astype(jnp.int32)]))
+  rows = jax.ops.segment_sum(delta, label, num_segments=t)
   return jnp.sum(rows * rows)
 
 

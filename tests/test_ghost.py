@@ -78,13 +78,27 @@ def test_parameters_combined_before_use():
   np.testing.assert_allclose(ghost, ref, rtol=1e-5)
 
 
-def test_out_of_range_and_negative_tokens():
-  """jnp.take wraps negative ids and drops out-of-range ones (fill mode)."""
-  problem = zoo.text(M)
-  x = problem.batch["x"].at[0, :3].set(jnp.array([-1, 7, 1000]))
-  batch = {**problem.batch, "x": x}
-  ghost = rj.per_example_grad_norms(problem.loss_fn, problem.params, batch)
-  ref = _vmap_norms(problem.loss_fn, problem.params, batch)
+@pytest.mark.parametrize("mode", ["fill", "clip"])
+@pytest.mark.parametrize("length", [12, 600])
+def test_embedding_lookup_modes(mode, length):
+  """Negative ids wrap; out-of-range ids are dropped ("fill", zero rows, no
+  gradient) or clamped ("clip"). Short sequences label repeated tokens by
+  first occurrence, long ones (> 512) by sorting."""
+  vocab = 7
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = {"table": jax.random.normal(k1, (vocab, 5)),
+            "w": jax.random.normal(k2, (5, 3))}
+  batch = {"x": jax.random.randint(k3, (M, length), -3, vocab + 3),
+           "label": jnp.arange(M) % 3}
+
+  def loss_fn(p, b):
+    rows = jnp.take(p["table"], b["x"], axis=0, mode=mode, fill_value=0.0)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        jnp.tanh(rows.mean(1)) @ p["w"], b["label"])
+
+  ghost = rj.per_example_grad_norms(loss_fn, params, batch)
+  ref = _vmap_norms(loss_fn, params, batch)
+  assert np.all(np.isfinite(ref))
   np.testing.assert_allclose(ghost, ref, rtol=1e-5)
 
 
