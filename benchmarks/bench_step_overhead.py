@@ -65,6 +65,9 @@ def main(argv=None):
       "RAIS, proxy norms, sync (PT)": (rj.rais_sampler(
           rj.default_features(np.asarray(data["label"]), 10), batch_size=m,
           scale_free=True, pt_mode="sync"), "proxy"),
+      "RAIS, exact (ghost) norms, async (PT)": (rj.rais_sampler(
+          rj.default_features(np.asarray(data["label"]), 10), batch_size=m),
+          "exact"),
   }
   for name, (sampler, norms) in samplers.items():
     opt = rj.rais_sgd(0.01, momentum=0.9)

@@ -22,21 +22,31 @@ crosses exactly one site, so the per-example gradient is a sum over sites of
 the pull-back, through the parameter-only computation h, of the site's local
 per-example gradient. For each parameter leaf:
 
-* used by exactly one ``dot_general`` (dense, einsum, attention projection)
-  or embedding ``gather`` through a norm-preserving h (transpose, reshape,
-  cast): the Gram form above (token equality for embeddings);
-* otherwise (biases and scales broadcast into the data, convolutions, tied
-  weights used at several sites, parameters combined with each other): the
-  local per-example gradient of each site is formed by ``vmap`` of that one
-  equation's VJP (cheap for elementwise uses, a batched convolution for
-  convolutions) and pulled back through h, summing all uses of a leaf before
-  its norm is taken, so shared weights are exact;
-* sites that are higher-order equations (``scan``, ``while``, ``cond``,
-  ``custom_jvp_call``, ...) are handled the same way, i.e. ``vmap`` over that
-  whole operation's VJP; a warning names the parameters concerned.
+* used by exactly one ``dot_general`` (dense, einsum, attention projection),
+  ``conv_general_dilated`` (as a dense layer over the input patches of each
+  feature group) or embedding ``gather`` through a norm-preserving h
+  (transpose, reshape, cast): the Gram form above or the per-example
+  gradient, whichever is cheaper (for embeddings, the rows of repeated tokens
+  are summed per example);
+* a 2-D weight used by several such sites (a tied embedding / output layer):
+  one joint Gram over all its uses, when cheaper than the per-example
+  gradient;
+* otherwise (biases and scales broadcast into the data, parameters combined
+  with each other, tied weights where the Gram form is dearer): the local
+  per-example gradient of each site is formed by ``vmap`` of that one
+  equation's VJP (cheap for elementwise uses) and pulled back through h,
+  summing all uses of a leaf before its norm is taken, so shared weights are
+  exact;
+* sites that are higher-order equations (``while``, ``cond``,
+  ``custom_jvp_call``, a ``scan`` whose steps share a weight, ...) are handled
+  the same way, i.e. ``vmap`` over that whole operation's VJP; a warning names
+  the parameters concerned.
 
 Calls to ``jit``-ed functions, ``closed_call`` and ``remat`` are inlined so
-the layers inside them are seen.
+the layers inside them are seen, and a ``scan`` of at most ``MAX_UNROLL``
+steps whose parameters are all scanned over (stacked layers, as ``nnx.scan``
+makes) is unrolled: the layers of different steps are disjoint parts of the
+stacked leaf, with orthogonal gradients, so each is ghosted on its own.
 
 The loss is traced for one example at a time, so it must not couple examples
 (BatchNorm in training mode, losses normalised by batch statistics): a cheap
@@ -222,7 +232,8 @@ class _Walker:
         out_tags = [tag] * len(eqn.outvars)
       for v, x, t in zip(eqn.outvars, outs, out_tags):
         env[v] = (x, t)
-    return tuple(zip(*map(read, jaxpr.outvars)))
+    outs = [read(v) for v in jaxpr.outvars]
+    return [x for x, _ in outs], [t for _, t in outs]
 
   def _unroll_scan(self, eqn, vals, tags):
     p = eqn.params
@@ -572,7 +583,9 @@ def check_separable(loss_fn: Callable[[PyTree, PyTree], chex.Array],
 
   Evaluates ``loss_fn`` (at trace time, on random parameters and three random
   examples shaped like ``batch``'s) twice, changing only the first example;
-  raises ``ValueError`` if the losses of the others change.
+  raises ``ValueError`` if the losses of the others change. A ``loss_fn`` that
+  closes over values traced by an enclosing ``jit`` cannot be evaluated
+  eagerly and is not checked.
   """
   rng = np.random.default_rng(0)
   with jax.ensure_compile_time_eval():
@@ -582,8 +595,11 @@ def check_separable(loss_fn: Callable[[PyTree, PyTree], chex.Array],
     b2 = jax.tree.map(
         lambda x: np.concatenate(
             [_random_like(rng, (1,) + x.shape[1:], x.dtype), x[1:]]), b)
-    before = np.asarray(loss_fn(p, b), np.float64)[1:]
-    after = np.asarray(loss_fn(p, b2), np.float64)[1:]
+    before, after = loss_fn(p, b), loss_fn(p, b2)
+  if isinstance(before, jax.core.Tracer):
+    return  # loss_fn closes over traced values: it cannot be probed here
+  before = np.asarray(before, np.float64)[1:]
+  after = np.asarray(after, np.float64)[1:]
   if not np.allclose(before, after, rtol=1e-5, atol=1e-6, equal_nan=True):
     raise ValueError(
         "loss_fn couples examples: changing example 0 of a batch changed the "

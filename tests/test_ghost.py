@@ -59,6 +59,23 @@ def test_zoo_matches_vmap(name):
     assert not messages
 
 
+def test_equinox_model():
+  """An Equinox model (a pytree module, vmapped over examples inside the loss)."""
+  eqx = pytest.importorskip("equinox")  # a dev dependency: installed in CI
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  model = eqx.nn.Sequential([eqx.nn.Linear(5, 8, key=k1), eqx.nn.Lambda(jnp.tanh),
+                             eqx.nn.LayerNorm(8), eqx.nn.Linear(8, 3, key=k2)])
+  params, static = eqx.partition(model, eqx.is_inexact_array)
+  batch = {"x": jax.random.normal(k3, (M, 5)), "label": jnp.arange(M) % 3}
+
+  def loss_fn(p, b):
+    logits = jax.vmap(eqx.combine(p, static))(b["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, b["label"])
+
+  ghost = rj.per_example_grad_norms(loss_fn, params, batch)
+  np.testing.assert_allclose(ghost, _vmap_norms(loss_fn, params, batch), rtol=1e-5)
+
+
 def test_parameters_combined_before_use():
   """Weight normalisation (W = g v/‖v‖) and a weight used twice in one layer:
   the per-example gradient is pulled back through the parameter-only map."""
@@ -140,6 +157,20 @@ def test_coupled_losses_are_refused(kind):
   # one example at a time.
   rj.per_example_grad_norms(losses[kind], problem.params, problem.batch,
                             separable_check=False)
+
+
+def test_loss_closing_over_traced_values():
+  """A loss that closes over a value traced by the enclosing jit (here a
+  temperature) cannot be probed for coupling eagerly; it is still exact."""
+  problem = zoo.mlp(M)
+
+  @jax.jit
+  def norms(params, batch, temperature):
+    loss_fn = lambda p, b: problem.loss_fn(p, b) / temperature
+    return rj.per_example_grad_norms(loss_fn, params, batch)
+
+  ref = _vmap_norms(problem.loss_fn, problem.params, problem.batch)
+  np.testing.assert_allclose(norms(problem.params, problem.batch, 2.0), ref / 2, rtol=1e-5)
 
 
 def test_weights_and_errors():
