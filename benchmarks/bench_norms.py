@@ -3,13 +3,16 @@
     python benchmarks/bench_norms.py [--models mlp cnn ...] [--batch-sizes 32 128 512]
 
 For every model of :mod:`rais_jax.zoo` (``size="bench"``) and batch size m,
-three jitted functions are timed round-robin in one process (medians):
+three jitted functions are timed round-robin in one process (medians of at
+least --repeats rounds, more for fast calls):
 
 * plain: ``jax.value_and_grad`` of the mean loss (what SGD computes anyway);
 * ghost: ``rais_jax.value_grad_and_norms`` (losses, the same gradient and all
   m exact norms, method "ghost");
 * vmap: ``per_example_grad_norms(method="vmap")``, the reference (norms only),
-  timed for m ≤ --vmap-max-m only, since it grows as m × the plain cost.
+  timed for m ≤ --vmap-max-m only, since it grows as m × the plain cost. It is
+  timed in a second round against plain alone (after it, the caches are cold
+  for whatever runs next), and its ratio is taken within that round.
 
 Memory is XLA's compiled scratch (temporary) buffer size for each function,
 ``compiled.memory_analysis().temp_size_in_bytes``: the peak working memory
@@ -27,7 +30,7 @@ import jax
 import rais_jax as rj
 from rais_jax import zoo
 
-from common import interleaved_medians, write  # pylint: disable=g-bad-import-order
+from common import interleaved_medians, time_call, write  # pylint: disable=g-bad-import-order
 
 GOALS = {"dense": 1.3, "conv": 2.0, "attention": 2.0}
 
@@ -59,15 +62,24 @@ def main(argv=None):
             loss_fn, q, b, method="vmap"))
       inputs = (problem.params, problem.batch)
       with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scan_layers' fallback warning
+        warnings.simplefilter("ignore")  # the rnn's fallback warning
         memory = {k: _scratch_mb(f, *inputs) for k, f in fns.items()}
-        times = interleaved_medians(
-            {k: (lambda f=f: f(*inputs)) for k, f in fns.items()},
-            repeats=args.repeats, warmup=1)
-      vmap = times.get("vmap")
+        # Millisecond calls are noisy here: repeat them for ~2 s of plain time.
+        probe = time_call(lambda: fns["plain"](*inputs), repeats=3, warmup=1)
+        repeats = max(args.repeats, min(41, int(2.0 / probe)))
+        # Two rounds, each against its own plain baseline: interleaving the
+        # memory-hungry vmap with the others would slow whichever follows it.
+        call = lambda k: (lambda: fns[k](*inputs))
+        times = interleaved_medians({k: call(k) for k in ("plain", "ghost")},
+                                    repeats=repeats, warmup=1)
+        vmap = None
+        if "vmap" in fns:
+          second = interleaved_medians({k: call(k) for k in ("plain", "vmap")},
+                                       repeats=max(3, repeats // 4), warmup=1)
+          vmap = second["vmap"] / second["plain"] * times["plain"]
       goal = GOALS.get(problem.kind)
       row = {
-          "model": name, "kind": problem.kind, "m": m,
+          "model": name, "kind": problem.kind, "m": m, "repeats": repeats,
           "plain (ms)": 1e3 * times["plain"], "ghost (ms)": 1e3 * times["ghost"],
           "ghost / plain": times["ghost"] / times["plain"],
           "vmap / plain": vmap / times["plain"] if vmap else "—",
