@@ -12,10 +12,11 @@ def test_main_job_writes_curves(tmp_path):
   example = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(example)
   example.main(["--epochs", "2", "--num-samples", "600", "--hidden", "32",
-                "--out", str(tmp_path)])
+                "--seeds", "0", "--out", str(tmp_path)])
   results = json.loads((tmp_path / "results.json").read_text())
-  assert set(results["curves"]) == {"usgd", "rais"}
-  for curve in results["curves"].values():
+  assert set(results["runs"]) == {"usgd", "rais", "osgd"}
+  for by_seed in results["runs"].values():
+    curve = by_seed["0"]["curve"]
     assert [p["epoch"] for p in curve] == [0, 1, 2]
     assert curve[-1]["train_loss"] < curve[0]["train_loss"]
-  assert (tmp_path / "curves.png").stat().st_size > 0
+  assert (tmp_path / "loss_vs_wall_clock.png").stat().st_size > 0

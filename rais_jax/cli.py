@@ -1,0 +1,98 @@
+"""Command line: ``rais-jax compare ...`` (also ``python -m rais_jax``)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from rais_jax import compare
+
+_DEFAULTS = compare.CompareConfig()
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(s) for s in text.split(",") if s.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected comma-separated integers, got {text!r}") from None
+
+
+def _methods(text: str) -> tuple[str, ...]:
+  methods = tuple(s.strip() for s in text.split(",") if s.strip())
+  bad = [m for m in methods if m not in compare.METHODS]
+  if bad or not methods:
+    raise argparse.ArgumentTypeError(
+        f"methods must be a comma-separated subset of {','.join(compare.METHODS)}"
+        f"; got {text!r}")
+  return methods
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="rais-jax", description="RAIS: robust, approximate importance "
+      "sampling for SGD (Johnson & Guestrin, 2018).")
+  sub = p.add_subparsers(dest="command", required=True)
+  c = sub.add_parser(
+      "compare", help="train U-SGD, RAIS-SGD and O-SGD side by side",
+      description=compare.__doc__.split("\n\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  c.add_argument("--dataset", default=_DEFAULTS.dataset,
+                 help="mnist1d (generated, no download), fashion-mnist (local "
+                 "IDX files) or npz:PATH (arrays x_train, y_train, x_test, "
+                 "y_test)")
+  c.add_argument("--model", choices=["mlp", "cnn"], default=_DEFAULTS.model)
+  c.add_argument("--methods", type=_methods, default=",".join(_DEFAULTS.methods),
+                 help="comma-separated: usgd, rais, osgd")
+  c.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)
+  c.add_argument("--seeds", type=_ints,
+                 default=",".join(map(str, _DEFAULTS.seeds)),
+                 help="comma-separated seeds (initialisation and sampling)")
+  c.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
+  c.add_argument("--lr", type=float, default=_DEFAULTS.lr,
+                 help="base learning rate (RAIS scales it by r)")
+  c.add_argument("--lr-schedule", choices=compare.SCHEDULES,
+                 default=_DEFAULTS.lr_schedule,
+                 help="decay over the run's steps; RAIS indexes it by τ")
+  c.add_argument("--momentum", type=float, default=_DEFAULTS.momentum)
+  c.add_argument("--norms", choices=["proxy", "exact"], default=_DEFAULTS.norms,
+                 help="RAIS's per-example gradient norms: the softmax-logit "
+                 "proxy or exact ghost norms")
+  c.add_argument("--oracle-period", type=int, default=_DEFAULTS.oracle_period,
+                 help="O-SGD recomputes all n exact norms every this many steps")
+  c.add_argument("--hidden", type=int, nargs="+", default=list(_DEFAULTS.hidden),
+                 help="MLP hidden widths")
+  c.add_argument("--num-samples", type=int, default=_DEFAULTS.num_samples,
+                 help="MNIST-1D examples (train + test)")
+  c.add_argument("--data-dir", default=None,
+                 help="directory with the Fashion-MNIST IDX files (else "
+                 "$RAIS_DATA_DIR, else Debian's install directory)")
+  c.add_argument("--out", default="runs/compare",
+                 help="output directory for results.json and the plots")
+  c.add_argument("--no-plots", action="store_true")
+  return p
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+  """Parses ``argv`` and runs the command; returns its results."""
+  args = parser().parse_args(argv)
+  config = compare.CompareConfig(
+      dataset=args.dataset, model=args.model, methods=args.methods,
+      epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
+      lr=args.lr, lr_schedule=args.lr_schedule, momentum=args.momentum,
+      norms=args.norms, oracle_period=args.oracle_period,
+      hidden=tuple(args.hidden), num_samples=args.num_samples,
+      data_dir=args.data_dir)
+  try:
+    results = compare.run_compare(config, args.out, plots=not args.no_plots)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"rais-jax compare: {e}") from None
+  print(compare.format_summary(results["summary"]))
+  print(f"wrote {args.out}/results.json" + ("" if args.no_plots else
+                                            " and plots"))
+  return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  run(argv)
+  return 0

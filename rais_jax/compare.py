@@ -1,0 +1,280 @@
+"""U-SGD, RAIS-SGD and O-SGD trained side by side, and how much sooner each
+reaches U-SGD's final training loss.
+
+All methods share the model and its initialisation (per seed), the base
+learning-rate schedule (RAIS indexes it by equivalent iterations τ, see
+:func:`rais_jax.rais_sgd`), the batch size, the sampling keys and the
+evaluation points (every epoch of steps). At each point a run records the
+training loss over the whole training set (uniform weights), test loss and
+accuracy, the wall-clock training time so far (evaluation excluded), epochs
+equivalent τ/(n/m) and the mean gain ratio of the epoch's steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import statistics
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+import rais_jax as rj
+from rais_jax import data as data_lib
+from rais_jax.models import functional, make_model
+
+METHODS = ("usgd", "rais", "osgd")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+  dataset: str = "mnist1d"
+  model: str = "mlp"
+  methods: tuple[str, ...] = METHODS
+  epochs: int = 30
+  seeds: tuple[int, ...] = (0, 1, 2)
+  batch_size: int = 64
+  lr: float = 0.05
+  lr_schedule: str = "cosine"
+  momentum: float = 0.9
+  norms: str = "proxy"  # how RAIS measures u_k: "proxy" or "exact"
+  oracle_period: int = 10  # O-SGD refreshes all n exact norms every k steps
+  hidden: tuple[int, ...] = (256, 256)
+  num_samples: int = 10_000  # MNIST-1D only
+  data_dir: Optional[str] = None
+
+  def validate(self) -> None:
+    bad = [m for m in self.methods if m not in METHODS]
+    if bad or not self.methods:
+      raise ValueError(f"methods must be a non-empty subset of {METHODS}; got "
+                       f"{list(self.methods)}.")
+    if self.lr_schedule not in SCHEDULES:
+      raise ValueError(f"lr_schedule must be one of {SCHEDULES}; got "
+                       f"{self.lr_schedule!r}.")
+    if self.norms not in ("proxy", "exact"):
+      raise ValueError(f"norms must be 'proxy' or 'exact'; got {self.norms!r}.")
+    for name in ("epochs", "batch_size", "oracle_period"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be ≥ 1; got {getattr(self, name)}.")
+    if not self.seeds:
+      raise ValueError("seeds must not be empty.")
+    if self.lr <= 0:
+      raise ValueError(f"lr must be > 0; got {self.lr}.")
+
+
+def schedule(config: CompareConfig, total_steps: int) -> optax.Schedule:
+  if config.lr_schedule == "cosine":
+    return optax.cosine_decay_schedule(config.lr, total_steps)
+  if config.lr_schedule == "linear":
+    return optax.linear_schedule(config.lr, 0.0, total_steps)
+  return optax.constant_schedule(config.lr)
+
+
+def _sampler(method: str, labels: np.ndarray, classes: int,
+             config: CompareConfig) -> rj.Sampler:
+  n, m = len(labels), config.batch_size
+  scale_free = config.norms == "proxy"
+  if method == "usgd":
+    return rj.uniform_sampler(n, batch_size=m)
+  if method == "rais":
+    return rj.rais_sampler(rj.default_features(labels, classes), batch_size=m,
+                           scale_free=scale_free)
+  # The oracle's own steps measure exact norms (ghost): its r is exact.
+  return rj.oracle_sampler(n, batch_size=m)
+
+
+def _norms(method: str, config: CompareConfig) -> Optional[str]:
+  if method == "usgd":
+    return None
+  return "exact" if method == "osgd" else config.norms
+
+
+class _Runner:
+  """One compiled epoch function and evaluator per method, reused by seeds."""
+
+  def __init__(self, method: str, config: CompareConfig, train, test, labels,
+               classes: int, model_fn):
+    self.method, self.train, self.test = method, train, test
+    n, m = len(labels), config.batch_size
+    if m > n:
+      raise ValueError(f"batch_size {m} exceeds the {n} training examples.")
+    self.steps_per_epoch = n // m
+    total = config.epochs * self.steps_per_epoch
+    self.optimizer = rj.rais_sgd(schedule(config, total),
+                                 momentum=config.momentum)
+    self.sampler = _sampler(method, labels, classes, config)
+    head = rj.softmax_cross_entropy_head()
+    step = rj.make_train_step(model_fn, head, self.optimizer, self.sampler,
+                              norms=_norms(method, config),
+                              oracle_period=config.oracle_period)
+    self.epoch = jax.jit(lambda s, keys: jax.lax.scan(
+        lambda c, k: step(c, k, train), s, keys))
+    self.evaluate = jax.jit(lambda p, d: rj.evaluate(model_fn, head, p, d))
+    self.n, self.m = n, m
+    self.compiled = False
+
+  def point(self, state, epoch: int, wall: float, r: float) -> dict:
+    tr = self.evaluate(state.params, self.train)
+    te = self.evaluate(state.params, self.test)
+    diag = state.sampler.diagnostics
+    return {
+        "epoch": epoch, "wall_clock_s": wall,
+        "epochs_equivalent": float(rj.epochs_equivalent(state.opt_state, self.m,
+                                                        self.n)),
+        "train_loss": float(tr["loss"]), "test_loss": float(te["loss"]),
+        "test_accuracy": float(te["accuracy"]), "gain_ratio": r,
+        "pt_solves": int(diag.pt_solves), "pt_failures": int(diag.pt_failures),
+        "nonfinite_norms": int(diag.nonfinite_norms),
+    }
+
+  def run(self, params, seed: int, epochs: int) -> dict:
+    state = rj.init_train_state(params, self.optimizer, self.sampler)
+    keys = jax.random.split(jax.random.key(seed), epochs * self.steps_per_epoch)
+    keys = keys.reshape(epochs, self.steps_per_epoch, *keys.shape[1:])
+    if not self.compiled:  # compile before the clock starts; result dropped
+      jax.block_until_ready(self.epoch(state, keys[0]))
+      self.compiled = True
+    curve, wall = [self.point(state, 0, 0.0, 1.0)], 0.0
+    bar = tqdm(range(1, epochs + 1), desc=f"{self.method} seed {seed}",
+               leave=False)
+    for epoch in bar:
+      start = time.perf_counter()
+      state, metrics = self.epoch(state, keys[epoch - 1])
+      jax.block_until_ready(state)
+      wall += time.perf_counter() - start
+      curve.append(self.point(state, epoch, wall,
+                              float(jnp.mean(metrics.gain_ratio))))
+      bar.set_postfix(loss=f"{curve[-1]['train_loss']:.4f}",
+                      r=f"{curve[-1]['gain_ratio']:.2f}")
+    run = {"curve": curve}
+    if self.method == "rais":
+      run["c"] = np.asarray(state.sampler.c).tolist()
+      run["d"] = np.asarray(state.sampler.d).tolist()
+      run["feature_names"] = list(self.sampler.feature_names)
+    return run
+
+
+def time_to_target(curve: Sequence[dict], target: float, key: str
+                   ) -> Optional[float]:
+  """``key`` at the first point whose train_loss ≤ target (None if none)."""
+  for point in curve:
+    if point["train_loss"] <= target:
+      return point[key]
+  return None
+
+
+def _stats(values: Sequence[Optional[float]], *, reached: bool = True) -> dict:
+  """Per-seed values with their median, min and max (None: never reached)."""
+  got = [v for v in values if v is not None]
+  out: dict[str, Any] = {"per_seed": list(values)}
+  if reached:
+    out["reached"] = f"{len(got)}/{len(values)}"
+  if got:
+    out.update(median=statistics.median(got), min=min(got), max=max(got))
+  return out
+
+
+def summarise(runs: dict[str, dict[str, dict]]) -> dict:
+  """Per method, when it first reaches U-SGD's final training loss (per seed)
+  and the speed-ups vs U-SGD: median, min and max over seeds."""
+  if "usgd" not in runs:
+    return {"note": "no U-SGD runs: nothing to compare against."}
+  seeds = list(runs["usgd"])
+  targets = {s: runs["usgd"][s]["curve"][-1]["train_loss"] for s in seeds}
+  summary = {"target": "U-SGD's final training loss, per seed",
+             "targets": targets, "methods": {}}
+  base = {key: {s: time_to_target(runs["usgd"][s]["curve"], targets[s], key)
+                for s in seeds} for key in ("wall_clock_s", "epoch")}
+  for method, by_seed in runs.items():
+    entry = {}
+    for key in ("wall_clock_s", "epoch"):
+      reach = [time_to_target(by_seed[s]["curve"], targets[s], key)
+               if s in by_seed else None for s in seeds]
+      speedup = [None if r is None or not r else base[key][s] / r
+                 for s, r in zip(seeds, reach)]
+      entry[key] = _stats(reach)
+      entry[f"speedup_{key}"] = _stats(speedup)
+    final = [by_seed[s]["curve"][-1] for s in seeds if s in by_seed]
+    entry["final_train_loss"] = _stats([p["train_loss"] for p in final],
+                                       reached=False)
+    entry["final_test_accuracy"] = _stats([p["test_accuracy"] for p in final],
+                                          reached=False)
+    summary["methods"][method] = entry
+  return summary
+
+
+def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
+                *, plots: bool = True) -> dict:
+  """Runs every method for every seed; writes ``out/results.json`` and plots."""
+  config.validate()
+  raw = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
+                              num_samples=config.num_samples)
+  classes = data_lib.num_classes(raw)
+  train = {"x": jnp.asarray(raw["x_train"]), "label": jnp.asarray(raw["y_train"])}
+  test = {"x": jnp.asarray(raw["x_test"]), "label": jnp.asarray(raw["y_test"])}
+  input_shape = raw["x_train"].shape[1:]
+  model_fn, _ = functional(make_model(config.model, input_shape, classes,
+                                      hidden=config.hidden, rngs=nnx.Rngs(0)))
+  inits = {s: functional(make_model(config.model, input_shape, classes,
+                                    hidden=config.hidden,
+                                    rngs=nnx.Rngs(s)))[1]
+           for s in config.seeds}
+  runs: dict[str, dict[str, dict]] = {}
+  for method in config.methods:
+    runner = _Runner(method, config, train, test, raw["y_train"], classes,
+                     model_fn)
+    runs[method] = {}
+    for seed in config.seeds:
+      run = runner.run(inits[seed], seed, config.epochs)
+      runs[method][str(seed)] = run
+      last = run["curve"][-1]
+      print(f"{method:5s} seed {seed}: train loss {last['train_loss']:.4f}, "
+            f"test acc {last['test_accuracy']:.4f}, wall {last['wall_clock_s']:.1f}"
+            f" s, epochs equivalent {last['epochs_equivalent']:.1f}, r "
+            f"{last['gain_ratio']:.2f}, (PT) solves {last['pt_solves']} "
+            f"(failed {last['pt_failures']}), non-finite norms "
+            f"{last['nonfinite_norms']}", flush=True)
+  results = {"config": dataclasses.asdict(config),
+             "dataset": {"n_train": int(len(raw["y_train"])),
+                         "n_test": int(len(raw["y_test"])),
+                         "input_shape": list(input_shape), "classes": classes},
+             "environment": {"jax": jax.__version__,
+                             "backend": jax.default_backend()},
+             "runs": runs, "summary": summarise(runs)}
+  if out is not None:
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    if plots:
+      from rais_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
+      plots_lib.plot_compare(results, out)
+  return results
+
+
+def format_summary(summary: dict) -> str:
+  """The summary as a small text table."""
+  if "methods" not in summary:
+    return summary.get("note", "")
+  fmt = lambda s, spec: "—" if s.get("median") is None else (
+      f"{s['median']:{spec}} [{s['min']:{spec}}, {s['max']:{spec}}]")
+  lines = ["target: U-SGD's final training loss per seed; median [min, max] "
+           "over seeds",
+           f"{'method':6s} {'reached':>7s} {'epochs to target':>22s} "
+           f"{'wall-clock to target (s)':>26s} {'speed-up (epochs)':>22s} "
+           f"{'speed-up (wall-clock)':>22s} {'final test acc':>22s}"]
+  for method, e in summary["methods"].items():
+    lines.append(
+        f"{method:6s} {e['epoch']['reached']:>7s} {fmt(e['epoch'], '.0f'):>22s} "
+        f"{fmt(e['wall_clock_s'], '.2f'):>26s} "
+        f"{fmt(e['speedup_epoch'], '.2f'):>22s} "
+        f"{fmt(e['speedup_wall_clock_s'], '.2f'):>22s} "
+        f"{fmt(e['final_test_accuracy'], '.3f'):>22s}")
+  return "\n".join(lines)

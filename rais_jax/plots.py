@@ -1,0 +1,68 @@
+"""Plots of a comparison's results (``rais_jax.compare``), as PNG files."""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_COLOURS = {"usgd": "tab:blue", "rais": "tab:orange", "osgd": "tab:green"}
+_LABELS = {"usgd": "U-SGD", "rais": "RAIS-SGD", "osgd": "O-SGD (oracle)"}
+
+
+def _curves(ax, results: dict, x: str, y: str, *, log: bool = False) -> None:
+  for method, by_seed in results["runs"].items():
+    for i, run in enumerate(by_seed.values()):
+      curve = run["curve"]
+      ax.plot([p[x] for p in curve], [p[y] for p in curve],
+              color=_COLOURS.get(method), alpha=0.8, lw=1.2,
+              label=_LABELS.get(method, method) if i == 0 else None)
+  if log:
+    ax.set_yscale("log")
+  ax.grid(alpha=0.3)
+  ax.legend()
+
+
+def plot_compare(results: dict, out: str | pathlib.Path) -> list[pathlib.Path]:
+  """Writes the comparison plots to ``out``; returns their paths."""
+  out = pathlib.Path(out)
+  cfg = results["config"]
+  title = f"{cfg['dataset']}, {cfg['model']}, m = {cfg['batch_size']}"
+  specs = [
+      ("loss_vs_wall_clock.png", "wall_clock_s", "train_loss",
+       "wall-clock training time (s)", "training loss (full set)", True),
+      ("loss_vs_epochs_equivalent.png", "epochs_equivalent", "train_loss",
+       "epochs equivalent (τ / (n/m))", "training loss (full set)", True),
+      ("test_accuracy.png", "epoch", "test_accuracy", "epoch",
+       "test accuracy", False),
+      ("gain_ratio.png", "epoch", "gain_ratio", "epoch",
+       "gain ratio r (mean over the epoch)", False),
+  ]
+  paths = []
+  for name, x, y, xlabel, ylabel, log in specs:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _curves(ax, results, x, y, log=log)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    paths.append(out / name)
+  rais = results["runs"].get("rais")
+  if rais:
+    run = next(iter(rais.values()))
+    names = run["feature_names"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, what in ((axes[0], "c", "c (centre of U)"),
+                          (axes[1], "d", "d (widths of U)")):
+      ax.bar(range(len(names)), run[key])
+      ax.set_xticks(range(len(names)), names, rotation=60, ha="right",
+                    fontsize=8)
+      ax.set(title=f"learned {what}, seed {next(iter(rais))}")
+    fig.tight_layout()
+    fig.savefig(out / "learned_c_d.png", dpi=110)
+    plt.close(fig)
+    paths.append(out / "learned_c_d.png")
+  return paths

@@ -1,0 +1,99 @@
+import json
+
+import numpy as np
+import pytest
+
+from rais_jax import cli, compare
+
+POINT_KEYS = {"epoch", "epochs_equivalent", "wall_clock_s", "train_loss", "test_loss",
+              "test_accuracy", "gain_ratio"}
+PLOTS = ["loss_vs_wall_clock.png", "loss_vs_epochs_equivalent.png", "test_accuracy.png",
+         "gain_ratio.png", "learned_c_d.png"]
+
+
+def _curve(losses, seconds_per_epoch):
+  return [{"epoch": e, "wall_clock_s": e * seconds_per_epoch, "train_loss": l,
+           "test_accuracy": 0.5} for e, l in enumerate(losses)]
+
+
+def test_time_to_target_on_hand_made_curves():
+  curve = _curve([2.0, 1.0, 0.6, 0.7, 0.5], 1.5)
+  assert compare.time_to_target(curve, 0.6, "epoch") == 2  # first point ≤ target
+  assert compare.time_to_target(curve, 0.6, "wall_clock_s") == 3.0
+  assert compare.time_to_target(curve, 0.55, "epoch") == 4
+  assert compare.time_to_target(curve, 0.4, "epoch") is None
+  assert compare.time_to_target(curve, 5.0, "epoch") == 0
+
+
+def test_summary_speedups_median_and_spread():
+  runs = {
+      "usgd": {"0": {"curve": _curve([2, 1, 0.5, 0.4], 1.0)},
+               "1": {"curve": _curve([2, 1, 0.6, 0.3], 1.0)}},
+      # seed 0 reaches 0.4 at epoch 2 (2 s, U-SGD took 3 s); seed 1 reaches 0.3
+      # at epoch 1 (2 s); wall-clock per epoch is 1 s and 2 s.
+      "rais": {"0": {"curve": _curve([2, 0.9, 0.35, 0.2], 1.0)},
+               "1": {"curve": _curve([2, 0.3, 0.2, 0.1], 2.0)}},
+      "osgd": {"0": {"curve": _curve([2, 1.5, 1.0, 0.9], 1.0)},
+               "1": {"curve": _curve([2, 0.25, 0.2, 0.1], 1.0)}},
+  }
+  s = compare.summarise(runs)
+  assert s["targets"] == {"0": 0.4, "1": 0.3}
+  rais = s["methods"]["rais"]
+  assert rais["epoch"]["per_seed"] == [2, 1]
+  assert rais["speedup_epoch"]["per_seed"] == [1.5, 3.0]
+  assert rais["speedup_wall_clock_s"]["per_seed"] == [1.5, 1.5]
+  assert rais["speedup_epoch"]["median"] == 2.25
+  assert (rais["speedup_epoch"]["min"], rais["speedup_epoch"]["max"]) == (1.5, 3.0)
+  osgd = s["methods"]["osgd"]
+  assert osgd["epoch"]["reached"] == "1/2" and osgd["speedup_epoch"]["per_seed"] == [None, 3.0]
+  assert s["methods"]["usgd"]["speedup_epoch"]["median"] == 1.0
+  assert "note" in compare.summarise({"rais": runs["rais"]})
+
+
+def test_cli_end_to_end_all_methods(tmp_path):
+  results = cli.run(["compare", "--epochs", "2", "--num-samples", "400", "--hidden", "16",
+                     "--seeds", "0,1", "--batch-size", "32", "--oracle-period", "4",
+                     "--out", str(tmp_path)])
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["summary"] == json.loads(json.dumps(results["summary"]))
+  assert set(saved["runs"]) == {"usgd", "rais", "osgd"}
+  for method, by_seed in saved["runs"].items():
+    assert set(by_seed) == {"0", "1"}
+    for run in by_seed.values():
+      assert [p["epoch"] for p in run["curve"]] == [0, 1, 2]
+      assert all(POINT_KEYS <= set(p) for p in run["curve"])
+      assert all(np.isfinite(p["train_loss"]) for p in run["curve"])
+      walls = [p["wall_clock_s"] for p in run["curve"]]
+      assert walls[0] == 0 and walls[1] > 0 and walls[2] > walls[1]
+    if method == "rais":
+      assert len(run["c"]) == len(run["d"]) == len(run["feature_names"]) == 13
+  assert set(saved["summary"]["methods"]) == {"usgd", "rais", "osgd"}
+  # The two seeds start from different initialisations.
+  assert saved["runs"]["usgd"]["0"]["curve"][0] != saved["runs"]["usgd"]["1"]["curve"][0]
+  for name in PLOTS:
+    assert (tmp_path / name).stat().st_size > 0
+
+
+def test_cli_npz_dataset_with_cnn(tmp_path):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(96, 8, 8)).astype(np.float32)
+  y = (x[:, :4].mean((1, 2)) > 0).astype(np.int64)
+  np.savez(tmp_path / "d.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
+  results = cli.run(["compare", "--dataset", f"npz:{tmp_path / 'd.npz'}", "--model", "cnn",
+                     "--methods", "usgd,rais", "--epochs", "1", "--seeds", "0",
+                     "--batch-size", "16", "--out", str(tmp_path / "out"), "--no-plots"])
+  assert results["dataset"] == {"n_train": 64, "n_test": 32, "input_shape": [8, 8],
+                                "classes": 2}
+  assert not (tmp_path / "out" / "loss_vs_wall_clock.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "usgd,sgd"], "methods must be"),
+    (["--seeds", "a,b"], "comma-separated integers"),
+    (["--dataset", "npz:/nonexistent.npz"], "does not exist"),
+    (["--epochs", "0"], "epochs must be"),
+])
+def test_cli_errors(tmp_path, argv, message, capsys):
+  with pytest.raises(SystemExit) as exc:
+    cli.run(["compare", "--out", str(tmp_path), *argv])
+  assert message in str(exc.value) + capsys.readouterr().err
