@@ -15,16 +15,14 @@ from __future__ import annotations
 import gzip
 import os
 import pathlib
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
 Arrays = dict[str, np.ndarray]
 SPLITS = ("x_train", "y_train", "x_test", "y_test")
 # Where Debian's dataset-fashion-mnist package puts the IDX files.
-FASHION_MNIST_DIRS = ("/usr/share/dataset-fashion-mnist",
-                      "/usr/share/fashion-mnist",
-                      "/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 _FASHION_FILES = {"x_train": "train-images-idx3-ubyte",
                   "y_train": "train-labels-idx1-ubyte",
                   "x_test": "t10k-images-idx3-ubyte",
