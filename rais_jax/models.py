@@ -6,7 +6,6 @@ import math
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 

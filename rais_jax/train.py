@@ -117,7 +117,7 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
   if exact_method not in norms_lib.METHODS:
     raise ValueError(f"exact_method must be one of {norms_lib.METHODS}; got "
                      f"{exact_method!r}.")
-  m, n = sampler.batch_size, sampler.num_examples
+  m = sampler.batch_size
   if norms == "proxy" and m % 2:
     raise ValueError(
         f"norms='proxy' splits each batch into two halves to estimate ‖∇F‖²; "
