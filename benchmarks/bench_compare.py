@@ -52,12 +52,6 @@ def sweep(config: compare.CompareConfig, lrs, epochs: int) -> tuple[float, dict]
   return min(losses, key=losses.get), losses
 
 
-def _cell(stats: dict, spec: str) -> str:
-  if stats.get("median") is None:
-    return "—"
-  return f"{stats['median']:{spec}} [{stats['min']:{spec}}, {stats['max']:{spec}}]"
-
-
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES))
@@ -90,10 +84,10 @@ def main(argv=None):
       lines.append(
           f"| {name} ({cfg['epochs']} ep., m={cfg['batch_size']}, "
           f"{len(cfg['seeds'])} seeds) | {method} | {entry['lr']} | "
-          f"{s['epoch']['reached']} | {_cell(s['epoch'], '.0f')} | "
-          f"{_cell(s['wall_clock_s'], '.2f')} | {_cell(s['speedup_epoch'], '.2f')} | "
-          f"{_cell(s['speedup_wall_clock_s'], '.2f')} | "
-          f"{_cell(s['final_test_accuracy'], '.3f')} |")
+          f"{s['epoch']['reached']} | {compare.format_stats(s['epoch'], '.0f')} | "
+          f"{compare.format_stats(s['wall_clock_s'], '.2f')} | {compare.format_stats(s['speedup_epoch'], '.2f')} | "
+          f"{compare.format_stats(s['speedup_wall_clock_s'], '.2f')} | "
+          f"{compare.format_stats(s['final_test_accuracy'], '.3f')} |")
   md = ("### Time to U-SGD's final training loss (median [min, max] over seeds)\n\n"
         + "\n".join(lines) + "\n")
   (RESULTS / "compare.md").write_text(md)

@@ -259,12 +259,19 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
   return results
 
 
+def format_stats(stats: dict, spec: str) -> str:
+  """``median [min, max]`` of a summary entry, or — if no seed reached it."""
+  if stats.get("median") is None:
+    return "—"
+  return (f"{stats['median']:{spec}} [{stats['min']:{spec}}, "
+          f"{stats['max']:{spec}}]")
+
+
 def format_summary(summary: dict) -> str:
   """The summary as a small text table."""
   if "methods" not in summary:
     return summary.get("note", "")
-  fmt = lambda s, spec: "—" if s.get("median") is None else (
-      f"{s['median']:{spec}} [{s['min']:{spec}}, {s['max']:{spec}}]")
+  fmt = format_stats
   lines = ["target: U-SGD's final training loss per seed; median [min, max] "
            "over seeds",
            f"{'method':6s} {'reached':>7s} {'epochs to target':>22s} "

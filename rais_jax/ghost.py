@@ -627,14 +627,16 @@ def _pulled_back_sq(sites, pulled, site_params, p_leaves, data_ops, fixed_ops,
     ops = site_params(pl)
     return [ops[s][j] for s, j in pulled]
 
-  _, pull_back = jax.vjp(operands_of, [p_leaves[i] for i in involved])
-  operands = site_params(p_leaves)
-  pulled_sites = sorted({s for s, _ in pulled})
+  values, pull_back = jax.vjp(operands_of, [p_leaves[i] for i in involved])
+  # `pulled` lists every operand of each of its sites, in order.
+  operands: dict[int, list[Any]] = {}
+  for (s, _), value in zip(pulled, values):
+    operands.setdefault(s, []).append(value)
 
   def per_example(data_k, deltas_k):
-    local = {s: _local_param_grads(sites[s], operands[s], data_k[s],
-                                   fixed_ops[s], deltas_k[s])
-             for s in pulled_sites}
+    local = {s: _local_param_grads(sites[s], ops, data_k[s], fixed_ops[s],
+                                   deltas_k[s])
+             for s, ops in operands.items()}
     (grads,) = pull_back([local[s][j] for s, j in pulled])
     return sum(jnp.sum(jnp.square(_f32(g))) for g in grads)
 
