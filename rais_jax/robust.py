@@ -91,7 +91,11 @@ def robust_probabilities(c: chex.Array, d: chex.Array, features: chex.Array, *,
         "c and d give every example zero weight. Use a feature that is "
         "positive for every example (e.g. the constant feature).")
   n = features.shape[0]
-  return (1.0 - floor) * v / mass + floor / n
+  # Under jit the check above cannot run: a zero or non-finite mass (or
+  # non-finite v) gives the uniform distribution rather than NaNs.
+  ok = (mass > 0) & jnp.isfinite(mass)
+  p = (1.0 - floor) * v / jnp.where(ok, mass, 1.0) + floor / n
+  return jnp.where(ok & jnp.all(jnp.isfinite(p)), p, jnp.full_like(p, 1.0 / n))
 
 
 def worst_case_second_moment(c: chex.Array, d: chex.Array,
