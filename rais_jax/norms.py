@@ -54,7 +54,16 @@ def batch_size_of(batch: PyTree) -> int:
 def check_loss_fn(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int:
   """Checks ``loss_fn(params, batch)`` has shape (m,) without running it."""
   m = batch_size_of(batch)
-  out = jax.eval_shape(loss_fn, params, batch)
+  try:
+    out = jax.eval_shape(loss_fn, params, batch)
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError,
+          jax.errors.TracerIntegerConversionError) as e:
+    raise ValueError(
+        "loss_fn cannot be traced by JAX (it must be jit-able): it uses the "
+        "value of a traced array in Python (an `if`, `float()`, `.item()`, "
+        "NumPy call, ...). Use jnp.where / lax.cond and jnp functions. JAX "
+        f"said: {str(e).splitlines()[0]}") from e
   if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != (m,):
     raise ValueError(
         "loss_fn(params, batch) must return per-example losses of shape "

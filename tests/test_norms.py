@@ -50,3 +50,11 @@ def test_errors():
     per_example_grad_norms(lambda p, b: loss_fn(p, b).mean(), params, batch)
   with pytest.raises(ValueError, match="leading"):
     per_example_grad_norms(loss_fn, params, {"x": batch["x"], "y": jnp.arange(3)})
+
+  def python_branch(p, b):
+    losses = loss_fn(p, b)
+    return losses if losses.sum() > 0 else -losses
+
+  for method in ("ghost", "vmap"):
+    with pytest.raises(ValueError, match="cannot be traced by JAX"):
+      per_example_grad_norms(python_branch, params, batch, method=method)
