@@ -85,7 +85,8 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
                     sampler: Sampler, *, norms: Optional[str] = "proxy",
                     oracle_period: Optional[int] = None,
                     oracle_chunk_size: Optional[int] = None,
-                    exact_method: str = "ghost"
+                    exact_method: str = "ghost",
+                    batch_sharding: Optional[jax.sharding.Sharding] = None
                     ) -> Callable[[TrainState, chex.PRNGKey, PyTree],
                                   tuple[TrainState, StepMetrics]]:
   """Builds ``step(state, key, data) -> (state, metrics)``.
@@ -108,6 +109,14 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
     oracle_chunk_size: examples per chunk in that refresh (default m).
     exact_method: how exact norms are computed, for ``norms="exact"`` and the
       oracle refresh: ``"ghost"`` (default) or ``"vmap"`` (the reference).
+    batch_sharding: data parallelism: a sharding for the sampled batch (leading
+      axis m), e.g. ``NamedSharding(mesh, P("data"))``. The m examples are
+      then spread over the devices, and the forward and backward passes and
+      the per-example norms are computed where they live; the sampler state,
+      the parameters and ``data`` stay as they are (replicated by default).
+      Use a sampler with ``pt_mode="sync"`` on several devices: an
+      asynchronous (PT) solve inside a multi-device computation deadlocked
+      on CPU (4 simulated devices).
 
   Returns:
     The step function.
@@ -166,6 +175,8 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
           sampler_state)
     sample = sampler.sample(sampler_state, key)
     batch = _gather(data, sample.indices)
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     w = sample.weights
     inner = None
     if norms == "proxy":
