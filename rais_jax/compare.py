@@ -133,6 +133,7 @@ class _Runner:
         "test_accuracy": float(te["accuracy"]), "gain_ratio": r,
         "pt_solves": int(diag.pt_solves), "pt_failures": int(diag.pt_failures),
         "nonfinite_norms": int(diag.nonfinite_norms),
+        "skipped_steps": int(state.skipped_steps),
     }
 
   def run(self, params, seed: int, epochs: int) -> dict:
@@ -243,7 +244,8 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
             f" s, epochs equivalent {last['epochs_equivalent']:.1f}, r "
             f"{last['gain_ratio']:.2f}, (PT) solves {last['pt_solves']} "
             f"(failed {last['pt_failures']}), non-finite norms "
-            f"{last['nonfinite_norms']}", flush=True)
+            f"{last['nonfinite_norms']}, skipped steps {last['skipped_steps']}",
+            flush=True)
   results = {"config": dataclasses.asdict(config),
              "dataset": {"n_train": int(len(raw["y_train"])),
                          "n_test": int(len(raw["y_test"])),

@@ -12,6 +12,13 @@ pass, or exact ones), updates the sampler, and applies the optimizer with the
 gain ratio r as the ``gain_ratio`` extra argument. ``step`` is pure, so it can
 be wrapped in ``jax.jit`` or driven by ``jax.lax.scan``.
 
+Faults are survived, not spread: an example whose loss is not finite gives no
+measurement (the sampler skips and counts it in ``nonfinite_norms``), and a
+step whose minibatch loss or gradient is not finite leaves the parameters and
+optimizer state unchanged and is counted in ``TrainState.skipped_steps``
+(like ``optax.apply_if_finite``, but for any optimizer and without changing
+its state).
+
 The model is given as ``model_fn(params, batch) -> outputs`` and
 ``loss_head(outputs, batch) -> (m,)`` per-example losses; their composition is
 the ``loss_fn(params, batch)`` that the rest of the library takes.
@@ -40,12 +47,16 @@ class TrainState:
   params: PyTree
   opt_state: optax.OptState
   sampler: SamplerState
+  # int32: steps whose loss or gradient was not finite; their update was
+  # skipped (params and optimizer state kept).
+  skipped_steps: chex.Array
 
 
 class StepMetrics(NamedTuple):
   loss: chex.Array  # importance-weighted minibatch loss
   gain_ratio: chex.Array  # r used for this step's learning rate
   grad_sq_norm: chex.Array  # ‖g_R‖²
+  applied: chex.Array  # bool: False when the update was skipped (non-finite)
 
 
 def softmax_cross_entropy_head(label_key: str = "label") -> LossHead:
@@ -61,7 +72,8 @@ def softmax_cross_entropy_head(label_key: str = "label") -> LossHead:
 def init_train_state(params: PyTree, optimizer: optax.GradientTransformation,
                      sampler: Sampler) -> TrainState:
   return TrainState(params=params, opt_state=optimizer.init(params),
-                    sampler=sampler.init())
+                    sampler=sampler.init(),
+                    skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def _gather(data: PyTree, indices: chex.Array) -> PyTree:
@@ -188,6 +200,9 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
       (_, losses), grads = jax.value_and_grad(
           lambda p: weighted_loss(p, 0.0, batch, w), has_aux=True)(state.params)
       u = jnp.zeros((m,), jnp.float32)
+    # A non-finite loss makes its example's norm meaningless (and 0·∞ = NaN
+    # in the backward pass can hide it): the sampler skips and counts NaNs.
+    u = jnp.where(jnp.isfinite(losses), u, jnp.nan)
     grad_sq_norm = optax.tree.norm(grads, squared=True)
     # r comes from past steps only, so this step's noise does not set its own
     # learning rate.
@@ -195,13 +210,24 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
     sampler_state = sampler.update(sampler_state, sample, u,
                                    grad_sq_norm=grad_sq_norm,
                                    grad_halves_inner=inner)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
-                                          gain_ratio=r)
-    params = optax.apply_updates(state.params, updates)
-    metrics = StepMetrics(loss=jnp.mean(w * losses), gain_ratio=r,
-                          grad_sq_norm=grad_sq_norm)
-    return TrainState(params=params, opt_state=opt_state,
-                      sampler=sampler_state), metrics
+    loss = jnp.mean(w * losses)
+    # ‖g‖² is finite iff every gradient entry is (barring overflow past
+    # 3e38, which is divergence anyway).
+    applied = jnp.isfinite(loss) & jnp.isfinite(grad_sq_norm)
+
+    def apply(params, opt_state):
+      updates, opt_state = optimizer.update(grads, opt_state, params,
+                                            gain_ratio=r)
+      return optax.apply_updates(params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(applied, apply, lambda p, o: (p, o),
+                                     state.params, state.opt_state)
+    metrics = StepMetrics(loss=loss, gain_ratio=r, grad_sq_norm=grad_sq_norm,
+                          applied=applied)
+    return TrainState(
+        params=params, opt_state=opt_state, sampler=sampler_state,
+        skipped_steps=state.skipped_steps + (~applied).astype(jnp.int32)
+    ), metrics
 
   return step
 

@@ -6,7 +6,8 @@ import pytest
 from rais_jax import cli, compare
 
 POINT_KEYS = {"epoch", "epochs_equivalent", "wall_clock_s", "train_loss", "test_loss",
-              "test_accuracy", "gain_ratio"}
+              "test_accuracy", "gain_ratio", "pt_solves", "pt_failures",
+              "nonfinite_norms", "skipped_steps"}
 PLOTS = ["loss_vs_wall_clock.png", "loss_vs_epochs_equivalent.png", "test_accuracy.png",
          "gain_ratio.png", "learned_c_d.png"]
 
@@ -63,6 +64,7 @@ def test_cli_end_to_end_all_methods(tmp_path):
       assert [p["epoch"] for p in run["curve"]] == [0, 1, 2]
       assert all(POINT_KEYS <= set(p) for p in run["curve"])
       assert all(np.isfinite(p["train_loss"]) for p in run["curve"])
+      assert run["curve"][-1]["skipped_steps"] == 0
       walls = [p["wall_clock_s"] for p in run["curve"]]
       assert walls[0] == 0 and walls[1] > 0 and walls[2] > walls[1]
     if method == "rais":
