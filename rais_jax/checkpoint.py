@@ -21,7 +21,8 @@ import orbax.checkpoint as ocp
 
 from rais_jax.sampler import Sampler
 
-FORMAT_VERSION = 1
+# 2: TrainState gained ``skipped_steps``.
+FORMAT_VERSION = 2
 METADATA = "rais_jax.json"
 
 
