@@ -138,10 +138,11 @@ class Sampler(NamedTuple):
   num_examples: int
   batch_size: int
   feature_names: tuple[str, ...]
+  pt_mode: str  # "async" or "sync" (also for samplers that never solve)
 
 
 class _AsyncPT:
-  """Runs (PT) solves on a background thread, keyed by ticket and content.
+  """Runs (PT) solves on a background thread and the host CPU, keyed by content.
 
   The key includes a digest of the snapshot, so two runs that share a sampler
   never read each other's results, and a fetch with no matching submission
@@ -152,6 +153,12 @@ class _AsyncPT:
 
   def __init__(self, solve: Callable[..., tuple]):
     self._solve = solve
+    # Solve on the host: on an accelerator the solve would queue behind the
+    # running train step, which may be the one waiting for its result.
+    try:
+      self._device = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # no CPU backend (JAX_PLATFORMS without cpu)
+      self._device = None
     self._executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="rais-pt")
     self._futures: collections.OrderedDict = collections.OrderedDict()
@@ -166,6 +173,8 @@ class _AsyncPT:
 
   def _safe_solve(self, *args):
     try:
+      if self._device is not None:
+        args = jax.device_put(args, self._device)
       out = self._solve(*args)
       return jax.tree.map(np.asarray, out)
     except Exception:  # pylint: disable=broad-except
@@ -425,7 +434,8 @@ def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
                  probabilities=probabilities, set_parameters=set_parameters,
                  refresh=refresh if fitted_at_init else None,
                  num_examples=n, batch_size=m,
-                 feature_names=tuple(feature_map.names))
+                 feature_names=tuple(feature_map.names),
+                 pt_mode="async" if async_pt is not None else "sync")
 
 
 def _check_common(num_examples: int, batch_size: int, floor: float) -> None:

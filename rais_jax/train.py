@@ -126,9 +126,9 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
       then spread over the devices, and the forward and backward passes and
       the per-example norms are computed where they live; the sampler state,
       the parameters and ``data`` stay as they are (replicated by default).
-      Use a sampler with ``pt_mode="sync"`` on several devices: an
+      Over several devices the sampler must use ``pt_mode="sync"``: an
       asynchronous (PT) solve inside a multi-device computation deadlocked
-      on CPU (4 simulated devices).
+      (CPU, 2 and 4 simulated devices), so that is refused.
 
   Returns:
     The step function.
@@ -138,6 +138,13 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
   if exact_method not in norms_lib.METHODS:
     raise ValueError(f"exact_method must be one of {norms_lib.METHODS}; got "
                      f"{exact_method!r}.")
+  if (batch_sharding is not None and len(batch_sharding.device_set) > 1
+      and sampler.pt_mode == "async"):
+    raise ValueError(
+        "batch_sharding spans several devices, and an asynchronous (PT) solve "
+        "inside a multi-device computation deadlocks (its host callback waits "
+        "for a solve that cannot run while the devices wait for it). Build "
+        "the sampler with rais_sampler(..., pt_mode='sync').")
   m = sampler.batch_size
   if norms == "proxy" and m % 2:
     raise ValueError(

@@ -33,6 +33,14 @@ SCRIPT = textwrap.dedent('''
       run = jax.jit(lambda s, k: jax.lax.scan(lambda c, kk: step(c, kk, data), s, k)[0])
       return run, rj.init_train_state(params, opt, sampler)
 
+    async_sampler = rj.rais_sampler(rj.default_features(labels, K), batch_size=m)
+    try:
+      rj.make_train_step(model_fn, rj.softmax_cross_entropy_head(), rj.rais_sgd(0.1),
+                         async_sampler, batch_sharding=NamedSharding(mesh, P("data")))
+      raise AssertionError("an async sampler over 4 devices was accepted")
+    except ValueError as e:
+      assert "pt_mode='sync'" in str(e), e
+
     keys = jax.random.split(jax.random.key(0), 21)
     for norms in ("proxy", "exact"):
       one, state = build(norms, None)
