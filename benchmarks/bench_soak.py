@@ -1,6 +1,7 @@
 """Soak test: a long RAIS sampler run with injected faults.
 
     python benchmarks/bench_soak.py [--steps 100000 --n 1000000]
+    python benchmarks/bench_soak.py --train [--steps 100000 --n 100000]
 
 Runs sample + update for --steps steps at n examples (m = 128, default
 features with 10 classes, asynchronous (PT) every ⌈|D|/m⌉ steps) on synthetic
@@ -11,6 +12,12 @@ a fraction --nan-rate of the measured norms is NaN, +inf or negative, and the
 (chosen by the data). Reports steps/s, the diagnostics counts
 against the injected counts, and whether every float in the final state is
 finite and every p_i > 0.
+
+``--train`` soaks the whole training step instead (``make_train_step`` with an
+MLP 32-64-10, proxy norms, SGD + momentum, the same failing solver) on
+synthetic Gaussian classes in which a fraction --nan-rate of the *examples*
+has NaN inputs: every step that draws one must be skipped and counted, and the
+model must still learn the clean examples.
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 import rais_jax as rj
 from rais_jax import sampler as sampler_lib
+from rais_jax.models import MLP, functional
 
 from common import write  # pylint: disable=g-bad-import-order
 
@@ -52,15 +62,83 @@ def _failing_solver(solve):
   return solve_pt
 
 
+def _finite(state) -> bool:
+  floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in floats)
+
+
+def soak_train(args) -> None:
+  n, m, chunk, classes = args.n, args.batch_size, 1000, 10
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, classes, n).astype(np.int32)
+  x = rng.normal(0, 1, (classes, 32))[labels] + rng.normal(0, 2, (n, 32))
+  poisoned = rng.random(n) < args.nan_rate
+  x[poisoned] = np.nan
+  data = {"x": jnp.asarray(x, jnp.float32), "label": jnp.asarray(labels)}
+  clean = jax.tree.map(lambda a: a[~poisoned], data)
+  model_fn, params = functional(MLP(32, [64], classes, rngs=nnx.Rngs(0)))
+  head = rj.softmax_cross_entropy_head()
+  sampler = rj.rais_sampler(rj.default_features(labels, classes), batch_size=m,
+                            scale_free=True)
+  opt = rj.rais_sgd(0.05, momentum=0.9)
+  step = rj.make_train_step(model_fn, head, opt, sampler)
+  run = jax.jit(lambda s, k: jax.lax.scan(lambda c, kk: step(c, kk, data), s, k),
+                donate_argnums=0)
+  evaluate = jax.jit(lambda p: rj.evaluate(model_fn, head, p, clean)["loss"])
+  fresh = lambda: rj.init_train_state(jax.tree.map(jnp.copy, params), opt, sampler)
+  keys = jax.random.split(jax.random.key(1), args.steps).reshape(-1, chunk)
+  jax.block_until_ready(run(fresh(), keys[0]))  # compile
+  state = fresh()
+  not_applied, r_max = 0, -np.inf
+  start = time.perf_counter()
+  for chunk_keys in keys:
+    state, metrics = run(state, chunk_keys)
+    not_applied += int((~metrics.applied).sum())
+    r_max = max(r_max, float(metrics.gain_ratio.max()))
+  jax.block_until_ready(state)
+  seconds = time.perf_counter() - start
+  diag = state.sampler.diagnostics
+  row = {"n": n, "poisoned examples": int(poisoned.sum()), "steps": args.steps,
+         "seconds": seconds, "steps/s": args.steps / seconds,
+         "skipped steps": int(state.skipped_steps),
+         "steps not applied (metrics)": not_applied,
+         "nonfinite_norms counted": int(diag.nonfinite_norms),
+         "pt_solves": int(diag.pt_solves), "pt_failures": int(diag.pt_failures),
+         "of which raised": RAISED[0], "max r": r_max,
+         "clean loss before": float(evaluate(params)),
+         "clean loss after": float(evaluate(state.params)),
+         "state finite": _finite(state)}
+  print(row)
+  print(write("soak_train", [row], list(row),
+              f"Soak of the train step: {args.steps} steps at n = {n}, m = {m}, "
+              "with NaN examples and failing (PT) solves"))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
-  p.add_argument("--steps", type=int, default=100_000)
-  p.add_argument("--n", type=int, default=1_000_000)
+  p.add_argument("--train", action="store_true",
+                 help="soak the whole train step (default: the sampler alone)")
+  p.add_argument("--steps", type=int, default=None,
+                 help="default 100000")
+  p.add_argument("--n", type=int, default=None,
+                 help="default 1000000 (sampler) or 100000 (--train)")
   p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--nan-rate", type=float, default=0.01)
+  p.add_argument("--nan-rate", type=float, default=None,
+                 help="bad norms (default 0.01) or NaN examples (--train, 0.001)")
   args = p.parse_args(argv)
-  n, m, chunk = args.n, args.batch_size, 1000
+  defaults = (100_000, 100_000, 0.001) if args.train else (100_000, 1_000_000, 0.01)
+  for name, value in zip(("steps", "n", "nan_rate"), defaults):
+    if getattr(args, name) is None:
+      setattr(args, name, value)
   sampler_lib.solve_pt = _failing_solver(sampler_lib.solve_pt)
+  if args.train:
+    soak_train(args)
+  else:
+    soak_sampler(args)
+
+
+def soak_sampler(args) -> None:
+  n, m, chunk = args.n, args.batch_size, 1000
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 10, n).astype(np.int32)
   true = jnp.asarray(rng.uniform(0.5, 3, 10)[labels] * rng.lognormal(0, 1, n),
@@ -90,8 +168,7 @@ def main(argv=None):
     p_min = min(p_min, float(pmin.min()))
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
-  floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
-  finite = all(bool(jnp.all(jnp.isfinite(x))) for x in floats)
+  finite = _finite(state)
   probs = sampler.probabilities(state)
   diag = state.diagnostics
   row = {"n": n, "steps": args.steps, "seconds": seconds,
