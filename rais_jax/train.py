@@ -184,8 +184,20 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
         data, oracle_chunk)
     return sampler.refresh(sampler_state, all_norms)
 
+  def check_data(data: PyTree) -> None:
+    """Trace-time checks: out-of-range gathers would clamp silently."""
+    n = norms_lib.batch_size_of(data)
+    if n != sampler.num_examples:
+      raise ValueError(
+          f"data has {n} examples along its leading axis, but the sampler was "
+          f"built for n = {sampler.num_examples}. Pass the whole training set "
+          "the sampler's features describe.")
+
   def step(state: TrainState, key: chex.PRNGKey, data: PyTree
            ) -> tuple[TrainState, StepMetrics]:
+    check_data(data)
+    norms_lib.check_loss_fn(loss_fn, state.params, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), data))
     sampler_state = state.sampler
     if sampler.refresh is not None:
       sampler_state = jax.lax.cond(

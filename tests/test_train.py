@@ -171,3 +171,20 @@ def test_training_survives_nan_examples(problem, norms):
   before = rj.evaluate(model_fn, head, problem[2], clean)
   after = rj.evaluate(model_fn, head, state.params, clean)
   assert float(after["loss"]) < 0.5 * float(before["loss"])
+
+
+def test_step_validates_data_and_loss(problem):
+  data, model_fn, params, labels = problem
+  sampler = _sampler("rais", labels)
+  opt = rj.rais_sgd(0.05)
+  state = rj.init_train_state(params, opt, sampler)
+  step = rj.make_train_step(model_fn, rj.softmax_cross_entropy_head(), opt, sampler)
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match=f"data has {N - 1} examples.*n = {N}"):
+    step(state, key, jax.tree.map(lambda x: x[:-1], data))
+  with pytest.raises(ValueError, match="same leading"):
+    step(state, key, {**data, "label": data["label"][:-1]})
+  mean_head = lambda out, batch: rj.softmax_cross_entropy_head()(out, batch).mean()
+  bad = rj.make_train_step(model_fn, mean_head, opt, sampler)
+  with pytest.raises(ValueError, match="per-example losses of shape"):
+    bad(state, key, data)
