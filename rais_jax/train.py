@@ -219,8 +219,9 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
       (_, losses), grads = jax.value_and_grad(
           lambda p: weighted_loss(p, 0.0, batch, w), has_aux=True)(state.params)
       u = jnp.zeros((m,), jnp.float32)
-    # A non-finite loss makes its example's norm meaningless (and 0·∞ = NaN
-    # in the backward pass can hide it): the sampler skips and counts NaNs.
+    # An example whose loss is not finite can still get a finite norm (e.g.
+    # an infinite loss with a finite logit gradient); that norm describes a
+    # broken example, so mark it NaN: the sampler skips and counts those.
     u = jnp.where(jnp.isfinite(losses), u, jnp.nan)
     grad_sq_norm = optax.tree.norm(grads, squared=True)
     # r comes from past steps only, so this step's noise does not set its own
