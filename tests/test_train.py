@@ -184,6 +184,7 @@ def test_step_validates_data_and_loss(problem):
   with pytest.raises(ValueError, match="same leading"):
     step(state, key, {**data, "label": data["label"][:-1]})
   mean_head = lambda out, batch: rj.softmax_cross_entropy_head()(out, batch).mean()
-  bad = rj.make_train_step(model_fn, mean_head, opt, sampler)
-  with pytest.raises(ValueError, match="per-example losses of shape"):
-    bad(state, key, data)
+  for norms in ("proxy", "exact", None):
+    bad = rj.make_train_step(model_fn, mean_head, opt, sampler, norms=norms)
+    with pytest.raises(ValueError, match="per-example losses of shape"):
+      bad(state, key, data)
