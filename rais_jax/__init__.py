@@ -10,6 +10,7 @@ from rais_jax.gain_ratio import GainRatioState
 from rais_jax.norms import (per_example_grad_norms, softmax_cross_entropy_proxy_norms,
                             value_grad_and_norms)
 from rais_jax.pt_solver import PTInfo, pt_constraint, solve_pt
+from rais_jax.runner import Runner, RunnerState, make_runner
 from rais_jax.robust import robust_probabilities, worst_case_second_moment
 from rais_jax.sampler import (Sample, Sampler, SamplerState, oracle_sampler,
                               rais_sampler, uniform_sampler)
@@ -24,7 +25,7 @@ __all__ = [
     "FeatureMap", "GainRatioState", "PTInfo", "Sample", "Sampler", "SamplerState",
     "ScaleByGainRatioState", "StepMetrics", "TrainState", "default_features",
     "epochs_equivalent", "equivalent_iterations", "evaluate", "init_train_state",
-    "make_train_step", "oracle_sampler", "per_example_grad_norms", "pt_constraint",
+    "make_runner", "make_train_step", "Runner", "RunnerState", "oracle_sampler", "per_example_grad_norms", "pt_constraint",
     "rais_sampler", "rais_sgd", "robust_probabilities", "scale_by_gain_ratio",
     "softmax_cross_entropy_head", "softmax_cross_entropy_proxy_norms", "solve_pt",
     "static_features", "sum_tree", "uniform_sampler", "value_grad_and_norms",

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
+import functools
 import hashlib
 import threading
 from typing import Any, Callable, NamedTuple, Optional
@@ -41,52 +43,17 @@ import numpy as np
 from flax import struct
 from jax.experimental import io_callback
 
+from rais_jax import block_sampler as bs
 from rais_jax import gain_ratio as gain_ratio_lib
-from rais_jax import robust
+from rais_jax import pt_solver
+from rais_jax import records as records_lib
 from rais_jax import sum_tree
+from rais_jax.block_sampler import Diagnostics, PendingSolve, Sample, SamplerConfig
 from rais_jax.features import FeatureMap
 from rais_jax.pt_solver import PTInfo, solve_pt
+from rais_jax.records import Records
 
 PyTree = Any
-
-
-@struct.dataclass
-class Records:
-  """Ring buffer D of the last |D| measurements (s̃_j, ṽ_j, p_j)."""
-
-  features: chex.Array  # (|D|, d_R)
-  norms: chex.Array  # (|D|,)
-  probs: chex.Array  # (|D|,)
-  position: chex.Array  # int32, next slot to write
-  size: chex.Array  # int32, number of slots written (≤ |D|)
-
-
-@struct.dataclass
-class PendingSolve:
-  """The inputs of the (PT) solve in flight, applied at step ``due``."""
-
-  features: chex.Array
-  norms: chex.Array
-  probs: chex.Array
-  feature_sum: chex.Array  # S at submission
-  init_c: chex.Array  # warm start
-  init_d: chex.Array
-  due: chex.Array  # int32 step of delivery, -1 when none is in flight
-
-
-@struct.dataclass
-class Diagnostics:
-  pt_solves: chex.Array  # int32: solves applied
-  pt_failures: chex.Array  # int32: solves rejected (error or non-finite)
-  pt_iterations: chex.Array  # int32: of the last solve
-  pt_converged: chex.Array  # bool: of the last solve
-  pt_objective: chex.Array  # ⟨d, S⟩ of the last solve
-  nonfinite_norms: chex.Array  # int32: measurements skipped
-
-  @classmethod
-  def zeros(cls) -> "Diagnostics":
-    i0 = lambda: jnp.zeros((), jnp.int32)  # separate buffers: donatable
-    return cls(i0(), i0(), i0(), jnp.zeros((), bool), jnp.zeros((), jnp.float32), i0())
 
 
 @struct.dataclass
@@ -106,12 +73,6 @@ class SamplerState:
   moments: gain_ratio_lib.GainRatioState
   step: chex.Array  # int32 number of updates
   diagnostics: Diagnostics
-
-
-class Sample(NamedTuple):
-  indices: chex.Array  # (m,) int32
-  probs: chex.Array  # (m,) p_k
-  weights: chex.Array  # (m,) 1 / (n p_k)
 
 
 class Sampler(NamedTuple):
@@ -139,6 +100,7 @@ class Sampler(NamedTuple):
   batch_size: int
   feature_names: tuple[str, ...]
   pt_mode: str  # "async" or "sync" (also for samplers that never solve)
+  config: SamplerConfig  # what the factory was asked for (the fast path reads it)
 
 
 class _AsyncPT:
@@ -210,232 +172,111 @@ class _AsyncPT:
     return out
 
 
-def _ordered_after(x: chex.Array, dependency: chex.Array) -> chex.Array:
-  """x, made data-dependent on ``dependency`` (which must be finite).
-
-  XLA does not fold ``0.0 * y`` for floats (y could be inf or NaN), so the
-  dependency survives optimisation.
-  """
-  return x + 0.0 * jnp.sum(dependency).astype(x.dtype)
-
-
-def _records_init(buffer_size: int, num_features: int) -> Records:
-  return Records(features=jnp.zeros((buffer_size, num_features), jnp.float32),
-                 norms=jnp.zeros((buffer_size,), jnp.float32),
-                 probs=jnp.ones((buffer_size,), jnp.float32),
-                 position=jnp.zeros((), jnp.int32),
-                 size=jnp.zeros((), jnp.int32))
-
-
-def _records_push(records: Records, features, norms, probs, valid) -> Records:
-  """Appends the valid rows, overwriting the oldest once full."""
-  cap = records.norms.shape[0]
-  rank = jnp.cumsum(valid) - 1
-  slot = jnp.where(valid, (records.position + rank) % cap, cap)  # cap: dropped
-  put = lambda buf, x: buf.at[slot].set(x.astype(buf.dtype), mode="drop")
-  count = valid.sum(dtype=jnp.int32)
-  return Records(features=put(records.features, features),
-                 norms=put(records.norms, norms),
-                 probs=put(records.probs, probs),
-                 position=(records.position + count) % cap,
-                 size=jnp.minimum(records.size + count, cap))
-
-
-def _make_sampler(feature_map: FeatureMap, *, batch_size: int, floor: float,
-                  buffer_size: int, pt_period: int, pt_delay: int,
-                  pt_mode: str, pt_max_iters: int, ema_rate: float,
-                  r_max: Optional[float], scale_free: bool,
-                  use_gain_ratio: bool, measure: bool = True,
-                  initial_cd: Optional[tuple[np.ndarray, np.ndarray]] = None,
-                  fitted_at_init: bool = False) -> Sampler:
-  n = feature_map.num_examples
-  m = batch_size
-  d_r = feature_map.num_features
-  pt_enabled = pt_period > 0
-  solve = lambda f, v, p, s, c, d: solve_pt(f, v, p, s, init=(c, d),
-                                             max_iters=pt_max_iters)
-  async_pt = _AsyncPT(jax.jit(solve)) if pt_enabled and pt_mode == "async" else None
-  vector, scalar = (jax.ShapeDtypeStruct(s, jnp.float32) for s in ((d_r,), ()))
-  result_shapes = (vector, vector, PTInfo(
-      iterations=jax.ShapeDtypeStruct((), jnp.int32),
-      converged=jax.ShapeDtypeStruct((), bool), objective=scalar,
-      constraint=scalar, step_norm=scalar, ok=jax.ShapeDtypeStruct((), bool)))
-
-  def leaf_rows(a: chex.Array, b: chex.Array) -> chex.Array:
-    """Leaf values of the stacked trees: a, b and ones (the uniform floor)."""
-    return jnp.stack([a, b, jnp.ones_like(a)])
-
-  def trees_for(features_state, c, d) -> dict[str, chex.Array]:
-    """``trees`` and ``totals`` fields rebuilt from all features, O(n)."""
-    if not measure:  # U-SGD never reads the trees: keep them O(1)
-      trees = sum_tree.build(jnp.ones((3, 1), jnp.float32))
-    else:
-      a, b = robust.centres_and_widths(c, d, feature_map.compute(features_state, None))
-      trees = sum_tree.build(leaf_rows(a, b))
-    return {"trees": trees, "totals": sum_tree.total(trees)}
+def _make_sampler(config: SamplerConfig) -> Sampler:
+  """The per-step sampler: the block functions of :mod:`rais_jax.block_sampler`
+  with K = 1, the gain-ratio moments, and the (PT) hand-off as ``lax.cond``
+  at the delivery and submission steps."""
+  n, m = config.num_examples, config.batch_size
+  d_r = config.feature_map.num_features
+  pt_enabled = config.pt_period > 0
+  solve = functools.partial(_solve, max_iters=config.pt_max_iters)
+  async_pt = (_AsyncPT(jax.jit(solve))
+              if pt_enabled and config.pt_mode == "async" else None)
+  result_shapes = _solve_shapes(config.buffer_size, d_r)
+  bind = lambda fn: functools.partial(fn, config)
+  set_parameters, fold_in = bind(bs.set_parameters), bind(bs.fold_in)
 
   def init() -> SamplerState:
-    fstate = feature_map.init()
-    c, d = jnp.zeros((d_r,), jnp.float32), jnp.zeros((d_r,), jnp.float32)
-    if initial_cd is not None:
-      c, d = (jnp.asarray(x, jnp.float32) for x in initial_cd)
-    records = _records_init(buffer_size, d_r)
-    # Distinct buffers everywhere (no aliasing), so the state can be donated.
-    snapshot = _records_init(buffer_size, d_r)
-    pending = PendingSolve(
-        features=snapshot.features, norms=snapshot.norms, probs=snapshot.probs,
-        feature_sum=jnp.zeros((d_r,), jnp.float32), init_c=c.copy(), init_d=d.copy(),
-        due=jnp.full((), -1, jnp.int32))
+    robust_state = _placeholder_state(config) if config.kind == "uniform" else bs.init(config)
     if async_pt is not None:
-      async_pt.warm_up(*jax.tree.map(np.asarray, (
-          pending.features, pending.norms, pending.probs, pending.feature_sum,
-          pending.init_c, pending.init_d)))
-    return SamplerState(
-        features=fstate, **trees_for(fstate, c, d), c=c, d=d,
-        fitted=jnp.asarray(fitted_at_init), records=records, pending=pending,
-        moments=gain_ratio_lib.init(), step=jnp.zeros((), jnp.int32),
-        diagnostics=Diagnostics.zeros())
-
-  def mixture(state: SamplerState):
-    """(A, k, A + kB, whether the robust distribution is usable)."""
-    a_total, b_total, _ = state.totals
-    k = robust.mixture_scale(b_total)
-    mass = a_total + k * b_total
-    usable = state.fitted & (mass > 0) & jnp.isfinite(mass)
-    return a_total, k, mass, usable
-
-  def probs_at(state: SamplerState, idx: chex.Array) -> chex.Array:
-    _, k, mass, usable = mixture(state)
-    a, b, _ = sum_tree.leaves(state.trees, idx)
-    robust_p = (1.0 - floor) * (a + k * b) / jnp.where(usable, mass, 1.0) + floor / n
-    return jnp.where(usable, robust_p, 1.0 / n)
+      async_pt.warm_up(*jax.tree.map(np.asarray, robust_state.pending.solve_args()))
+    return SamplerState(**{f.name: getattr(robust_state, f.name)
+                           for f in dataclasses.fields(robust_state)},
+                        moments=gain_ratio_lib.init(),
+                        step=jnp.zeros((), jnp.int32))
 
   def sample(state: SamplerState, key: chex.PRNGKey) -> Sample:
-    if not measure:  # U-SGD: plain uniform draws, no tree descent
-      idx = jax.random.randint(key, (m,), 0, n, jnp.int32)
-      return Sample(indices=idx, probs=jnp.full((m,), 1.0 / n),
-                    weights=jnp.ones((m,)))
-    a_total, _, mass, usable = mixture(state)
-    u = jax.random.uniform(key, (state.trees.depth + 1, m))
-    # Mixture component per draw from u[0]: tree a, tree b, or uniform (ones).
-    share_a = (1.0 - floor) * a_total / jnp.where(usable, mass, 1.0)
-    which = jnp.where(u[0] < share_a, 0, jnp.where(u[0] < 1.0 - floor, 1, 2))
-    which = jnp.where(usable, which, 2)
-    idx = sum_tree.descend(state.trees, u[1:], which)
-    p = probs_at(state, idx)
-    return Sample(indices=idx, probs=p, weights=1.0 / (n * p))
-
-  def probabilities(state: SamplerState) -> chex.Array:
-    return probs_at(state, jnp.arange(n))
+    return bs.draw(config, state, key, (m,))
 
   def deliver(state: SamplerState) -> SamplerState:
-    pend = state.pending
-    args = (pend.features, pend.norms, pend.probs, pend.feature_sum,
-            pend.init_c, pend.init_d)
+    args = state.pending.solve_args()
     if async_pt is not None:
-      c, d, info = io_callback(async_pt.fetch, result_shapes, *args)
+      solved = io_callback(async_pt.fetch, result_shapes, *args)
     else:
-      c, d, info = solve(*args)
-    ok = info.ok & jnp.all(c >= 0) & jnp.all(d >= 0)
-    state = jax.lax.cond(ok, lambda s: set_parameters(s, c, d), lambda s: s,
-                         state)
-    diag = state.diagnostics
-    diag = diag.replace(
-        pt_solves=diag.pt_solves + ok.astype(jnp.int32),
-        pt_failures=diag.pt_failures + (~ok).astype(jnp.int32),
-        pt_iterations=info.iterations.astype(jnp.int32),
-        pt_converged=info.converged.astype(bool),
-        pt_objective=info.objective.astype(jnp.float32))
-    return state.replace(diagnostics=diag, pending=pend.replace(due=jnp.full((), -1, jnp.int32)))
-
-  def set_parameters(state: SamplerState, c: chex.Array,
-                     d: chex.Array) -> SamplerState:
-    c, d = jnp.asarray(c, jnp.float32), jnp.asarray(d, jnp.float32)
-    chex.assert_shape([c, d], (d_r,))
-    return state.replace(c=c, d=d, **trees_for(state.features, c, d),
-                         fitted=jnp.ones((), bool))
+      solved = solve(*args)
+    return bs.deliver(config, state, solved)
 
   def submit(state: SamplerState) -> SamplerState:
-    rec = state.records
-    feature_sum = feature_map.compute(state.features, None).sum(0)
-    pending = PendingSolve(features=rec.features, norms=rec.norms,
-                           probs=rec.probs, feature_sum=feature_sum,
-                           init_c=state.c, init_d=state.d,
-                           due=state.step + pt_delay)
+    state = bs.submit(config, state, state.step + config.pt_delay)
     if async_pt is not None:
-      token = io_callback(
-          async_pt.submit, jax.ShapeDtypeStruct((), jnp.int32),
-          pending.features, pending.norms, pending.probs, pending.feature_sum,
-          pending.init_c, pending.init_d)
+      pending = state.pending
+      token = io_callback(async_pt.submit, jax.ShapeDtypeStruct((), jnp.int32),
+                          *pending.solve_args())
       # Tie the callback into the state so it is never dead-code eliminated.
-      pending = pending.replace(due=pending.due + token)
-    return state.replace(pending=pending)
+      state = state.replace(pending=pending.replace(due=pending.due + token))
+    return state
 
   def update(state: SamplerState, sample_: Sample, norms: chex.Array, *,
              grad_sq_norm: chex.Array,
              grad_halves_inner: Optional[chex.Array] = None) -> SamplerState:
     chex.assert_shape(norms, (m,))
-    if not measure:
+    if config.kind == "uniform":
       return state.replace(step=state.step + 1)
-    idx, p = sample_.indices, sample_.probs
-    features_before = feature_map.compute(state.features, idx)
-    norms = norms.astype(jnp.float32)
-    valid = jnp.isfinite(norms) & (norms >= 0)
-    clean = jnp.where(valid, norms, 0.0)
-    records = _records_push(state.records, features_before, clean, p, valid)
-    # The features were read (features_before) and the trees were read (to
-    # sample and to compute p) before being updated in place below. Making the
-    # written values depend on those reads orders them first; otherwise XLA
-    # copies the O(n) buffers every step (measured: ~50 ms at n = 10⁷ on CPU).
-    fstate = feature_map.update(state.features, idx,
-                                _ordered_after(clean, features_before), valid)
-    a, b = robust.centres_and_widths(state.c, state.d, feature_map.compute(fstate, idx))
-    a = _ordered_after(a, p)
-    trees = sum_tree.update(state.trees, idx, leaf_rows(a, b))
-    moments = state.moments
-    if use_gain_ratio:
-      moments = gain_ratio_lib.update(
-          moments, norms, p, n, grad_sq_norm,
-          grad_halves_inner=grad_halves_inner, alpha=ema_rate)
-    diag = state.diagnostics
-    state = state.replace(
-        features=fstate, records=records, moments=moments, step=state.step + 1,
-        trees=trees, totals=sum_tree.total(trees),
-        diagnostics=diag.replace(
-            nonfinite_norms=diag.nonfinite_norms + (~valid).sum(dtype=jnp.int32)))
+    state = fold_in(state, sample_, norms)
+    moments = gain_ratio_lib.update(
+        state.moments, norms.astype(jnp.float32), sample_.probs, n,
+        grad_sq_norm, grad_halves_inner=grad_halves_inner,
+        alpha=config.ema_rate)
+    state = state.replace(moments=moments, step=state.step + 1)
     if pt_enabled:
       state = jax.lax.cond(state.pending.due == state.step, deliver,
                            lambda s: s, state)
       # Skipped measurements (non-finite norms) can leave D short of full at
       # a period boundary; then wait for the next one rather than solve on
       # empty slots.
-      full = state.records.size == buffer_size
-      state = jax.lax.cond((state.step % pt_period == 0) & full, submit,
-                           lambda s: s, state)
+      due = (state.step % config.pt_period == 0) & records_lib.is_full(state.records)
+      state = jax.lax.cond(due, submit, lambda s: s, state)
     return state
 
   def gain_ratio(state: SamplerState) -> chex.Array:
-    if not use_gain_ratio:
+    if config.kind == "uniform":
       return jnp.ones((), jnp.float32)
-    return gain_ratio_lib.estimate(state.moments, m, alpha=ema_rate,
-                                   r_max=r_max, scale_free=scale_free)
-
-  def refresh(state: SamplerState, norms: chex.Array) -> SamplerState:
-    chex.assert_shape(norms, (n,))
-    valid = jnp.isfinite(norms) & (norms >= 0)
-    fstate = jnp.where(valid, norms.astype(jnp.float32), 0.0)
-    diag = state.diagnostics
-    return state.replace(
-        features=fstate, **trees_for(fstate, state.c, state.d),
-        diagnostics=diag.replace(
-            nonfinite_norms=diag.nonfinite_norms + (~valid).sum(dtype=jnp.int32)))
+    return gain_ratio_lib.estimate(state.moments, m, alpha=config.ema_rate,
+                                   r_max=config.r_max,
+                                   scale_free=config.scale_free)
 
   return Sampler(init=init, sample=sample, update=update, gain_ratio=gain_ratio,
-                 probabilities=probabilities, set_parameters=set_parameters,
-                 refresh=refresh if fitted_at_init else None,
+                 probabilities=bind(bs.probabilities), set_parameters=set_parameters,
+                 refresh=bind(bs.refresh) if config.kind == "oracle" else None,
                  num_examples=n, batch_size=m,
-                 feature_names=tuple(feature_map.names),
-                 pt_mode="async" if async_pt is not None else "sync")
+                 feature_names=tuple(config.feature_map.names),
+                 pt_mode=config.pt_mode if async_pt is not None else "sync",
+                 config=config)
+
+
+def _placeholder_state(config: SamplerConfig) -> bs.RobustState:
+  """U-SGD's per-step state: the fields of a robust one, O(1) and never read."""
+  zeros = lambda: jnp.zeros((1,), jnp.float32)
+  return bs.RobustState(
+      features=config.feature_map.init(), **bs.rebuild_trees(config, None, None, None),
+      c=zeros(), d=zeros(), fitted=jnp.zeros((), bool), records=records_lib.init(1, 1),
+      pending=bs.empty_pending(1, 1, zeros(), zeros()), diagnostics=Diagnostics.zeros())
+
+
+def _solve(*args, max_iters: int):
+  features, norms, probs, feature_sum, c, d = args
+  return solve_pt(features, norms, probs, feature_sum, init=(c, d),
+                  max_iters=max_iters)
+
+
+def _solve_shapes(num_records: int, num_features: int):
+  """Shapes and dtypes of a solve's (c, d, PTInfo), derived once from the solver."""
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  solve = lambda f, v, p, s, c, d: pt_solver.solve_pt(f, v, p, s, init=(c, d))
+  return jax.eval_shape(
+      solve, f32(num_records, num_features),
+      f32(num_records), f32(num_records), f32(num_features), f32(num_features),
+      f32(num_features))
 
 
 def _check_common(num_examples: int, batch_size: int, floor: float) -> None:
@@ -494,11 +335,11 @@ def rais_sampler(features: FeatureMap, *, batch_size: int,
     raise ValueError(f"pt_delay must lie in [1, pt_period={period}]; got {delay}.")
   if pt_mode not in ("async", "sync"):
     raise ValueError(f"pt_mode must be 'async' or 'sync'; got {pt_mode!r}.")
-  return _make_sampler(
-      features, batch_size=batch_size, floor=floor, buffer_size=buffer_size,
-      pt_period=period, pt_delay=delay, pt_mode=pt_mode,
-      pt_max_iters=pt_max_iters, ema_rate=ema_rate, r_max=r_max,
-      scale_free=scale_free, use_gain_ratio=True)
+  return _make_sampler(SamplerConfig(
+      kind="rais", feature_map=features, batch_size=batch_size, floor=floor,
+      buffer_size=buffer_size, pt_period=period, pt_delay=delay,
+      pt_mode=pt_mode, pt_max_iters=pt_max_iters, ema_rate=ema_rate,
+      r_max=r_max, scale_free=scale_free))
 
 
 def uniform_sampler(num_examples: int, *, batch_size: int) -> Sampler:
@@ -509,11 +350,9 @@ def uniform_sampler(num_examples: int, *, batch_size: int) -> Sampler:
   norms are ignored.
   """
   _check_common(num_examples, batch_size, 1.0)
-  return _make_sampler(
-      _constant_feature(num_examples), batch_size=batch_size, floor=1.0,
-      buffer_size=1, pt_period=0, pt_delay=0, pt_mode="sync", pt_max_iters=0,
-      ema_rate=0.01, r_max=None, scale_free=False, use_gain_ratio=False,
-      measure=False)
+  return _make_sampler(SamplerConfig(
+      kind="uniform", feature_map=_constant_feature(num_examples),
+      batch_size=batch_size, floor=1.0))
 
 
 def oracle_sampler(num_examples: int, *, batch_size: int, floor: float = 1e-3,
@@ -533,12 +372,9 @@ def oracle_sampler(num_examples: int, *, batch_size: int, floor: float = 1e-3,
       init=lambda: jnp.zeros((num_examples,), jnp.float32),
       compute=lambda s, idx=None: (s if idx is None else s[idx])[..., None],
       update=lambda s, idx, norms, valid: s)
-  return _make_sampler(
-      oracle, batch_size=batch_size, floor=floor, buffer_size=1, pt_period=0,
-      pt_delay=0, pt_mode="sync", pt_max_iters=0, ema_rate=ema_rate,
-      r_max=r_max, scale_free=scale_free, use_gain_ratio=True,
-      initial_cd=(np.ones((1,), np.float32), np.zeros((1,), np.float32)),
-      fitted_at_init=True)
+  return _make_sampler(SamplerConfig(
+      kind="oracle", feature_map=oracle, batch_size=batch_size, floor=floor,
+      ema_rate=ema_rate, r_max=r_max, scale_free=scale_free))
 
 
 def _constant_feature(n: int) -> FeatureMap:

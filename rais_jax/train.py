@@ -26,6 +26,7 @@ the ``loss_fn(params, batch)`` that the rest of the library takes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import chex
@@ -80,7 +81,7 @@ def _gather(data: PyTree, indices: chex.Array) -> PyTree:
   return jax.tree.map(lambda x: x[indices], data)
 
 
-def _chunked_map(fn: Callable[[PyTree], PyTree], data: PyTree,
+def chunked_map(fn: Callable[[PyTree], PyTree], data: PyTree,
                  chunk_size: int) -> PyTree:
   """``fn`` over all n examples in chunks (padded by wrapping), outputs (n, ...)."""
   n = norms_lib.batch_size_of(data)
@@ -90,6 +91,64 @@ def _chunked_map(fn: Callable[[PyTree], PyTree], data: PyTree,
       lambda x: x[wrapped].reshape((-1, chunk_size) + x.shape[1:]), data)
   out = jax.lax.map(fn, chunks)
   return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], out)
+
+
+def _weighted_loss(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
+                   shift: chex.Array, batch: PyTree, weights: chex.Array):
+  """(Σ_k w_k f_k / m, the m losses); ``shift`` is added to the outputs."""
+  losses = loss_head(model_fn(params, batch) + shift, batch)
+  return jnp.sum(weights * losses) / weights.shape[0], losses
+
+
+def _proxy_gradient(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
+                    batch: PyTree, weights: chex.Array):
+  """Gradient, proxy norms and ⟨g_A, g_B⟩ from one batched backward pass."""
+  m = weights.shape[0]
+  halves = jax.tree.map(lambda x: x.reshape((2, m // 2) + x.shape[1:]), batch)
+  out_shape = jax.eval_shape(model_fn, params, batch)
+  shift = jnp.zeros((2, m // 2) + out_shape.shape[1:], out_shape.dtype)
+  grad_fn = jax.grad(functools.partial(_weighted_loss, model_fn, loss_head),
+                     argnums=(0, 1), has_aux=True)
+  (g2, shift_grads), losses = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0))(
+      params, shift, halves, weights.reshape(2, m // 2))
+  # Each half's loss was divided by m/2, not m: halve, then sum the halves.
+  grads = jax.tree.map(lambda g: 0.5 * (g[0] + g[1]), g2)
+  # Each half's mean gradient is g2[i]; their inner product is unbiased for
+  # ‖∇F‖² because the halves are independent draws.
+  inner = sum(jnp.vdot(g[0], g[1]) for g in jax.tree.leaves(g2))
+  # ∂(Σ w f / (m/2))/∂z_k = (2 w_k/m) ∂f_k/∂z_k.
+  u = jnp.linalg.norm(shift_grads.reshape(m, -1), axis=-1) * (m / 2) / weights
+  return grads, u, inner, losses.reshape(m)
+
+
+def measured_gradient(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
+                      batch: PyTree, weights: chex.Array, *, norms: Optional[str],
+                      exact_method: str = "ghost"):
+  """g_R = (1/m) Σ_k w_k ∇f_k with the per-example norms u_k, measured as asked.
+
+  Returns (grads, u, ⟨g_A, g_B⟩ or None, losses). ``norms``: ``"proxy"``
+  (‖∂f_k/∂outputs_k‖ from the same backward pass, split in two halves for the
+  scale-free gain ratio), ``"exact"`` (ghost or vmap norms from
+  :func:`rais_jax.value_grad_and_norms`) or None (u = 0). An example whose
+  loss is not finite gets u_k = NaN (a broken example: the sampler skips and
+  counts it), even where its gradient norm happens to be finite.
+  """
+  m = weights.shape[0]
+  inner = None
+  if norms == "proxy":
+    grads, u, inner, losses = _proxy_gradient(model_fn, loss_head, params, batch,
+                                              weights)
+  elif norms == "exact":
+    loss_fn = lambda p, b: loss_head(model_fn(p, b), b)
+    losses, grads, u = norms_lib.value_grad_and_norms(
+        loss_fn, params, batch, weights=weights / m, method=exact_method)
+  else:
+    (_, losses), grads = jax.value_and_grad(
+        lambda p: _weighted_loss(model_fn, loss_head, p, 0.0, batch, weights),
+        has_aux=True)(params)
+    u = jnp.zeros((m,), jnp.float32)
+  u = jnp.where(jnp.isfinite(losses), u, jnp.nan)
+  return grads, u, inner, losses
 
 
 def make_train_step(model_fn: ModelFn, loss_head: LossHead,
@@ -156,29 +215,8 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
   def loss_fn(params, batch):
     return loss_head(model_fn(params, batch), batch)
 
-  def weighted_loss(params, shift, batch, weights):
-    losses = loss_head(model_fn(params, batch) + shift, batch)
-    return jnp.sum(weights * losses) / m, losses
-
-  def proxy_grads(params, batch, weights):
-    """Gradient, proxy norms and ⟨g_A, g_B⟩ from one batched backward pass."""
-    halves = jax.tree.map(lambda x: x.reshape((2, m // 2) + x.shape[1:]), batch)
-    out_shape = jax.eval_shape(model_fn, params, batch)
-    shift = jnp.zeros((2, m // 2) + out_shape.shape[1:], out_shape.dtype)
-    grad_fn = jax.grad(weighted_loss, argnums=(0, 1), has_aux=True)
-    (g2, shift_grads), losses = jax.vmap(grad_fn, in_axes=(None, 0, 0, 0))(
-        params, shift, halves, weights.reshape(2, m // 2))
-    grads = jax.tree.map(lambda g: g[0] + g[1], g2)
-    # Each half's mean gradient is 2 g2[i]; their inner product is unbiased
-    # for ‖∇F‖² because the halves are independent draws.
-    inner = 4.0 * sum(jnp.vdot(g[0], g[1]) for g in jax.tree.leaves(g2))
-    # ∂(Σ w f / m)/∂z_k = (w_k/m) ∂f_k/∂z_k.
-    u = (jnp.linalg.norm(shift_grads.reshape(m, -1), axis=-1) * m
-         / weights)
-    return grads, u, inner, losses.reshape(m)
-
   def refresh_oracle(sampler_state: SamplerState, params, data) -> SamplerState:
-    all_norms = _chunked_map(
+    all_norms = chunked_map(
         lambda b: norms_lib.per_example_grad_norms(loss_fn, params, b,
                                                    method=exact_method),
         data, oracle_chunk)
@@ -210,20 +248,9 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
     if batch_sharding is not None:
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     w = sample.weights
-    inner = None
-    if norms == "proxy":
-      grads, u, inner, losses = proxy_grads(state.params, batch, w)
-    elif norms == "exact":
-      losses, grads, u = norms_lib.value_grad_and_norms(
-          loss_fn, state.params, batch, weights=w / m, method=exact_method)
-    else:
-      (_, losses), grads = jax.value_and_grad(
-          lambda p: weighted_loss(p, 0.0, batch, w), has_aux=True)(state.params)
-      u = jnp.zeros((m,), jnp.float32)
-    # An example whose loss is not finite can still get a finite norm (e.g.
-    # an infinite loss with a finite logit gradient); that norm describes a
-    # broken example, so mark it NaN: the sampler skips and counts those.
-    u = jnp.where(jnp.isfinite(losses), u, jnp.nan)
+    grads, u, inner, losses = measured_gradient(
+        model_fn, loss_head, state.params, batch, w, norms=norms,
+        exact_method=exact_method)
     grad_sq_norm = optax.tree.norm(grads, squared=True)
     # r comes from past steps only, so this step's noise does not set its own
     # learning rate.
@@ -261,5 +288,5 @@ def evaluate(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
     out = model_fn(params, batch)
     return loss_head(out, batch), jnp.argmax(out, -1) == batch[label_key]
 
-  losses, correct = _chunked_map(chunk, data, chunk_size)
+  losses, correct = chunked_map(chunk, data, chunk_size)
   return {"loss": losses.mean(), "accuracy": correct.mean()}

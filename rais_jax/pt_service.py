@@ -1,0 +1,121 @@
+"""(PT) solves outside the training program, on one device, by JAX's async dispatch.
+
+The fast path (:mod:`rais_jax.runner`) hands each (PT) snapshot to a
+:class:`SolveService` between two blocks of steps. ``submit`` copies the
+snapshot to the solve device and runs the jitted solver there on one worker
+thread (the CPU client runs a computation on the thread that calls it, so
+the host thread stays free to dispatch training blocks meanwhile). ``take``
+hands the result to the block that applies it, waiting only if the solve is
+not finished by then. No callback runs inside the training program, so
+nothing there waits for a solve: this is what lets asynchronous (PT) run
+beside a multi-device (SPMD) program. The thread starts with the first
+submission; :meth:`SolveService.close` stops it.
+
+The solve device defaults to the host's first CPU device: on an accelerator the
+solve then overlaps with training instead of queueing behind it, and it never
+needs the devices a mesh holds. ``wait=True`` (``pt_mode="sync"``) blocks at
+submission; since the same compiled solver runs on the same device on the same
+snapshot, sync and async runs are bit-identical on every backend.
+
+Results are keyed by their due step and a fingerprint of the snapshot (the
+float32 sum of its norms and probabilities), so a run resumed from a checkpoint,
+or any state the service has not seen, is solved afresh instead of receiving
+another run's result.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from rais_jax import pt_solver
+from rais_jax.block_sampler import PendingSolve
+
+
+def solve(*args, max_iters: int):
+  """(c, d, PTInfo) from a snapshot's ``solve_args()``."""
+  features, norms, probs, feature_sum, c, d = args
+  return pt_solver.solve_pt(features, norms, probs, feature_sum, init=(c, d),
+                            max_iters=max_iters)
+
+
+def default_device() -> jax.Device:
+  """The host's first CPU device, else the default device."""
+  try:
+    return jax.local_devices(backend="cpu")[0]
+  except RuntimeError:  # no CPU backend (JAX_PLATFORMS without cpu)
+    return jax.local_devices()[0]
+
+
+def fingerprint(pending: PendingSolve) -> jax.Array:
+  """A scalar that tells snapshots apart (computed on device)."""
+  return jnp.stack([pending.norms.sum(), pending.probs.sum(),
+                    pending.due.astype(jnp.float32)])
+
+
+def _local(x: jax.Array) -> jax.Array:
+  """This process's copy of a replicated array (multi-host arrays are global)."""
+  return x if x.is_fully_addressable else x.addressable_data(0)
+
+
+class SolveService:
+  """Dispatches (PT) solves to ``device`` and keeps their results until taken."""
+
+  def __init__(self, *, max_iters: int, device: Optional[jax.Device] = None,
+               wait: bool = False):
+    self.device = default_device() if device is None else device
+    self.wait = wait
+    self._solve = jax.jit(functools.partial(solve, max_iters=max_iters))
+    self._results: dict[tuple, concurrent.futures.Future] = {}
+    self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+  @staticmethod
+  def key(pending: PendingSolve) -> tuple:
+    """(due, fingerprint) read to the host: waits for ``pending`` to exist."""
+    return tuple(float(v) for v in jax.device_get(_local(fingerprint(pending))))
+
+  def submit(self, pending: PendingSolve) -> None:
+    """Starts solving ``pending`` (no-op if already in flight)."""
+    key = self.key(pending)
+    if key in self._results:
+      return
+    # A copy, never an alias: the training program may donate or overwrite
+    # the state's buffers while the solve still reads them.
+    args = [jax.device_put(_local(a), self.device, may_alias=False)
+            for a in pending.solve_args()]
+    if self._executor is None:
+      self._executor = concurrent.futures.ThreadPoolExecutor(
+          max_workers=1, thread_name_prefix="rais-pt")
+    future = self._executor.submit(
+        lambda: jax.block_until_ready(self._solve(*args)))
+    if self.wait:
+      future.result()
+    self._results[key] = future
+
+  def take(self, key: tuple, like: tuple) -> tuple:
+    """The result for ``key`` placed like ``like`` (the state's c and d)."""
+    c, d, info = self._results.pop(key).result()
+    place = lambda x, ref: jax.device_put(x, ref.sharding)
+    scalar_sharding = like[0].sharding
+    return (place(c, like[0]), place(d, like[1]),
+            jax.tree.map(lambda x: jax.device_put(x, scalar_sharding), info))
+
+  def __contains__(self, key: tuple) -> bool:
+    return key in self._results
+
+  def close(self) -> None:
+    """Drops every result not yet taken and stops the worker thread."""
+    self._results.clear()
+    if self._executor is not None:
+      self._executor.shutdown(wait=True)
+      self._executor = None
+
+  def __enter__(self) -> "SolveService":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -1,0 +1,384 @@
+"""The fast training path: blocks of K steps in one scan, the sampler's work between blocks.
+
+A RAIS step on an accelerator is latency-bound: a plain SGD step of a small
+MLP takes ~40–50 µs on a GPU, and every branch (``lax.cond`` reads its
+predicate back to the host: ~14 µs), host callback or chain of small ops
+after the backward pass adds to it. So the step is reorganised by a static
+schedule (:func:`make_runner`):
+
+1. before a block, one tree descent draws the indices of all K steps,
+   (K, m), with their p (:func:`rais_jax.block_sampler.draw`);
+2. the block is one ``lax.scan`` whose body is the plain step plus a few
+   fused element-wise ops: gather the batch, loss, gradient and per-example
+   norms u_k in one backward pass, the gain ratio r from the moment EMAs,
+   the optimizer update with ``gain_ratio=r``, and a select that drops a
+   non-finite update (no ``cond``, no ``while``, no callback: tested on the
+   compiled program);
+3. after the block, the K·m measurements are folded into features, the ring
+   buffer D and the sum-trees at once, and at (PT) period boundaries the
+   snapshot is submitted and a solve due now is applied (``lax.cond`` once per
+   block).
+
+Every weight uses the p its index was drawn from, so g_R stays unbiased; the
+features and trees are up to K steps stale. The (PT) period becomes a multiple
+of K: P = K ⌈⌈|D|/m⌉ / K⌉ steps, and its delay a whole number of blocks.
+
+:meth:`Runner.run` drives blocks from the host. With ``pt_mode="async"`` each
+snapshot is solved by a :class:`rais_jax.pt_service.SolveService` on the host
+CPU while training goes on, and the result enters the block it is due in as an
+argument; ``"sync"`` waits for each solve. The two give bit-identical runs. A
+block called with ``solved=None`` solves in-graph instead (one program, e.g.
+for a ``lax.scan`` over blocks on a TPU); on the CPU that is bit-identical too.
+The block keys are ``fold_in(key, step // K)``, so a run resumed from a
+checkpoint at any block boundary continues bit-identically.
+
+Reference: Johnson & Guestrin, NeurIPS 2018.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from rais_jax import block_sampler as bs
+from rais_jax import gain_ratio as gain_ratio_lib
+from rais_jax import norms as norms_lib
+from rais_jax import records as records_lib
+from rais_jax import pt_service
+from rais_jax.sampler import Sampler
+from rais_jax.train import (LossHead, ModelFn, StepMetrics, chunked_map,
+                            measured_gradient)
+
+PyTree = Any
+
+
+@struct.dataclass
+class RunnerState:
+  params: PyTree
+  opt_state: optax.OptState
+  sampler: PyTree  # block_sampler.RobustState or UniformState
+  moments: gain_ratio_lib.GainRatioState  # the gain ratio's EMAs
+  step: chex.Array  # int32 steps taken (a multiple of K between blocks)
+  skipped_steps: chex.Array  # int32 steps whose update was not finite
+
+
+def _tree_select(pred: chex.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+class Runner:
+  """Built by :func:`make_runner`: ``init``, the pure ``block``, host ``run``.
+
+  Attributes:
+    block_size: K, steps per block.
+    pt_period, pt_delay: the (PT) schedule in steps (multiples of K).
+    service: the :class:`~rais_jax.pt_service.SolveService` (``pt_mode``
+      async or sync; None otherwise). :meth:`close` drops its results.
+  """
+
+  def __init__(self, *, model_fn: ModelFn, loss_head: LossHead,
+               optimizer: optax.GradientTransformationExtraArgs,
+               sampler: Sampler, norms: Optional[str], block_size: int,
+               exact_method: str, oracle_period: int, oracle_chunk_size: int,
+               batch_sharding: Optional[jax.sharding.Sharding],
+               pt_device: Optional[jax.Device]):
+    config = sampler.config
+    k = block_size
+    self.config, self.block_size, self.optimizer = config, k, optimizer
+    self.num_examples, self.batch_size = config.num_examples, config.batch_size
+    self.pt_enabled = config.kind == "rais" and config.pt_period > 0
+    blocks = lambda steps: max(1, math.ceil(steps / k))
+    self.pt_period = k * blocks(config.pt_period)
+    self.pt_delay = k * min(blocks(config.pt_delay), self.pt_period // k)
+    self.oracle_period = k * blocks(oracle_period)
+    self.pt_mode = config.pt_mode
+    self.service = (pt_service.SolveService(
+        max_iters=config.pt_max_iters, device=pt_device,
+        wait=config.pt_mode == "sync") if self.pt_enabled else None)
+    self._model_fn, self._loss_head, self._norms = model_fn, loss_head, norms
+    self._exact_method, self._oracle_chunk = exact_method, oracle_chunk_size
+    self._batch_sharding = batch_sharding
+    # The state is donated: the O(n) sampler arrays are updated in place.
+    self._block = jax.jit(self.block, donate_argnums=0)
+    self._placeholder = None
+
+  # -- pure functions ------------------------------------------------------
+
+  def init(self, params: PyTree) -> RunnerState:
+    """A fresh state holding a copy of ``params`` (:meth:`run` donates it)."""
+    params = jax.tree.map(jnp.copy, params)
+    return RunnerState(params=params, opt_state=self.optimizer.init(params),
+                       sampler=bs.init(self.config), moments=gain_ratio_lib.init(),
+                       step=jnp.zeros((), jnp.int32),
+                       skipped_steps=jnp.zeros((), jnp.int32))
+
+  def gain_ratio(self, state: RunnerState) -> chex.Array:
+    """r the next step will use."""
+    return self._gain_ratio(state.moments)
+
+  def _gain_ratio(self, moments: gain_ratio_lib.GainRatioState) -> chex.Array:
+    cfg = self.config
+    if cfg.kind == "uniform":
+      return jnp.ones((), jnp.float32)
+    return gain_ratio_lib.estimate(moments, cfg.batch_size, alpha=cfg.ema_rate,
+                                   r_max=cfg.r_max, scale_free=cfg.scale_free)
+
+  def _check_data(self, data: PyTree) -> None:
+    n = norms_lib.batch_size_of(data)
+    if n != self.num_examples:
+      raise ValueError(
+          f"data has {n} examples along its leading axis, but the sampler was "
+          f"built for n = {self.num_examples}. Pass the whole training set "
+          "the sampler's features describe.")
+
+  def _step(self, data: PyTree, carry, drawn: bs.Sample, *, guarded: bool):
+    """One SGD step of the block's scan: no branch, no callback.
+
+    ``guarded`` selects the old parameters and optimizer state when the
+    step's loss or gradient is not finite; the fast scan leaves that out (a
+    select keeps both versions alive, which costs a copy of the optimizer
+    state every step) and the block re-runs guarded only when needed.
+    """
+    params, opt_state, moments, skipped = carry
+    cfg = self.config
+    batch = jax.tree.map(lambda x: x[drawn.indices], data)
+    if self._batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, self._batch_sharding)
+    grads, u, inner, losses = measured_gradient(
+        self._model_fn, self._loss_head, params, batch, drawn.weights,
+        norms=self._norms, exact_method=self._exact_method)
+    loss = jnp.mean(drawn.weights * losses)
+    # r comes from past steps only, so this step's noise does not set its own
+    # learning rate.
+    r = self._gain_ratio(moments)
+    if cfg.kind == "uniform":  # ‖g‖² is only needed for the gain ratio
+      grad_sq_norm = jnp.full((), jnp.nan, jnp.float32)
+      applied = jnp.isfinite(loss)
+    else:
+      grad_sq_norm = optax.tree.norm(grads, squared=True)
+      applied = jnp.isfinite(loss) & jnp.isfinite(grad_sq_norm)
+      moments = gain_ratio_lib.update(
+          moments, u, drawn.probs, cfg.num_examples, grad_sq_norm,
+          grad_halves_inner=inner, alpha=cfg.ema_rate)
+    updates, new_opt_state = self.optimizer.update(grads, opt_state, params,
+                                                   gain_ratio=r)
+    new_params = optax.apply_updates(params, updates)
+    if guarded:
+      new_params = _tree_select(applied, new_params, params)
+      new_opt_state = _tree_select(applied, new_opt_state, opt_state)
+      skipped = skipped + (~applied).astype(jnp.int32)
+    carry = (new_params, new_opt_state, moments, skipped)
+    return carry, (u, StepMetrics(loss=loss, gain_ratio=r,
+                                  grad_sq_norm=grad_sq_norm, applied=applied))
+
+  def _scan(self, data: PyTree, carry, drawn: bs.Sample):
+    """The K steps: fast, then re-run guarded if anything was not finite.
+
+    The fast scan is accepted when every step's loss (and ‖g‖²) is finite and
+    the final parameters and optimizer state are: a non-finite gradient
+    entry that does not show in the loss still ends up in them (SGD and its
+    variants never turn NaN or ±inf back into finite values). Otherwise the
+    block is run again from its start with the select in every step, which
+    skips exactly the non-finite steps. The check is one pass over the
+    parameters per block, and the ``cond`` runs once per block.
+    """
+    fast, out = jax.lax.scan(
+        functools.partial(self._step, data, guarded=False), carry, drawn)
+    _, metrics = out
+    finite = jax.tree.leaves(jax.tree.map(
+        lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
+        else jnp.ones((), bool), (fast[0], fast[1])))
+    ok = jnp.all(metrics.applied) & jnp.all(jnp.stack(finite))
+    return jax.lax.cond(
+        ok, lambda: (fast, out),
+        lambda: jax.lax.scan(functools.partial(self._step, data, guarded=True),
+                             carry, drawn))
+
+  def _refresh_oracle(self, sampler_state, params, data):
+    loss_fn = lambda p, b: self._loss_head(self._model_fn(p, b), b)
+    all_norms = chunked_map(
+        lambda b: norms_lib.per_example_grad_norms(loss_fn, params, b,
+                                                   method=self._exact_method),
+        data, self._oracle_chunk)
+    return bs.refresh(self.config, sampler_state, all_norms)
+
+  def block(self, state: RunnerState, key: chex.PRNGKey, data: PyTree,
+            solved: Optional[tuple] = None) -> tuple[RunnerState, StepMetrics]:
+    """K steps from ``state``: pure and jit-able.
+
+    Args:
+      state: a :class:`RunnerState` at a block boundary.
+      key: this block's key (``run`` uses ``fold_in(key, step // K)``).
+      data: the training set, leading axis n, on device.
+      solved: the (c, d, info) of the (PT) solve due at the end of this
+        block, from the host service; None solves it in-graph.
+
+    Returns:
+      The state after K steps and the K steps' :class:`StepMetrics`.
+    """
+    self._check_data(data)
+    cfg, k, m = self.config, self.block_size, self.batch_size
+    norms_lib.check_loss_fn(
+        lambda p, b: self._loss_head(self._model_fn(p, b), b), state.params,
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype),
+                     data))
+    sampler_state = state.sampler
+    if cfg.kind == "oracle":
+      sampler_state = jax.lax.cond(
+          state.step % self.oracle_period == 0,
+          lambda s: self._refresh_oracle(s, state.params, data), lambda s: s,
+          sampler_state)
+    drawn = bs.draw(cfg, sampler_state, key, (k, m))
+    carry = (state.params, state.opt_state, state.moments, state.skipped_steps)
+    carry, (norms, metrics) = self._scan(data, carry, drawn)
+    params, opt_state, moments, skipped = carry
+    sampler_state = bs.fold_in(cfg, sampler_state, drawn, norms)
+    step = state.step + k
+    if self.pt_enabled:
+      def deliver(s):
+        result = solved
+        if result is None:
+          result = pt_service.solve(*s.pending.solve_args(),
+                                    max_iters=cfg.pt_max_iters)
+        return bs.deliver(cfg, s, result)
+
+      sampler_state = jax.lax.cond(sampler_state.pending.due == step, deliver,
+                                   lambda s: s, sampler_state)
+      # Skipped (non-finite) measurements can leave D short of full at a
+      # boundary: then wait for the next one rather than solve empty slots.
+      submit = (step % self.pt_period == 0) & records_lib.is_full(sampler_state.records)
+      sampler_state = jax.lax.cond(
+          submit, lambda s: bs.submit(cfg, s, step + self.pt_delay),
+          lambda s: s, sampler_state)
+    return RunnerState(params=params, opt_state=opt_state, sampler=sampler_state,
+                       moments=moments, step=step, skipped_steps=skipped), metrics
+
+  # -- host driver ---------------------------------------------------------
+
+  def _no_result(self, state: RunnerState) -> tuple:
+    """A stand-in (failed) result for blocks where no solve is due."""
+    if self._placeholder is None:
+      c = state.sampler.c
+      shapes = jax.eval_shape(
+          functools.partial(pt_service.solve, max_iters=1),
+          *state.sampler.pending.solve_args())
+      self._placeholder = jax.tree.map(
+          lambda s: jax.device_put(jnp.zeros(s.shape, s.dtype), c.sharding),
+          shapes)
+    return self._placeholder
+
+  def run(self, state: RunnerState, key: chex.PRNGKey, data: PyTree,
+          num_steps: int) -> tuple[RunnerState, StepMetrics]:
+    """``num_steps`` (a multiple of K) steps, block by block, with (PT)
+    solves handed to the service between blocks.
+
+    ``state`` is donated (its buffers are reused in place): continue from
+    the returned state. The host reads the device once per call and once per
+    (PT) period (the snapshot's key); otherwise it only dispatches.
+    """
+    k = self.block_size
+    if num_steps % k:
+      raise ValueError(f"num_steps ({num_steps}) must be a multiple of the "
+                       f"block size K = {k}.")
+    step = int(state.step)
+    if step % k:
+      raise ValueError(f"state.step ({step}) is not at a block boundary of K = {k}.")
+    due_key = None
+    if self.service is not None:
+      pending = state.sampler.pending
+      due_key = self.service.key(pending)
+      if due_key[2] <= step:  # nothing in flight
+        due_key = None
+      elif due_key not in self.service:  # e.g. restored from a checkpoint
+        self.service.submit(pending)
+    metrics = []
+    for _ in range(num_steps // k):
+      end = step + k
+      solved = None
+      if self.service is not None:
+        solved = self._no_result(state)
+        if due_key is not None and due_key[2] == end:
+          solved = self.service.take(due_key, (state.sampler.c, state.sampler.d))
+          due_key = None
+      state, block_metrics = self._block(state, jax.random.fold_in(key, step // k),
+                                         data, solved)
+      metrics.append(block_metrics)
+      step = end
+      if self.service is not None and step % self.pt_period == 0:
+        key_now = self.service.key(state.sampler.pending)
+        if key_now[2] == step + self.pt_delay:  # submitted by this block
+          self.service.submit(state.sampler.pending)
+          due_key = key_now
+    return state, jax.tree.map(lambda *x: jnp.concatenate(x), *metrics)
+
+  def close(self) -> None:
+    """Drops (PT) results not yet applied (they are re-solved if needed)."""
+    if self.service is not None:
+      self.service.close()
+
+  def __enter__(self) -> "Runner":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def make_runner(model_fn: ModelFn, loss_head: LossHead,
+                optimizer: optax.GradientTransformationExtraArgs,
+                sampler: Sampler, *, norms: Optional[str] = "proxy",
+                block_size: int = 32, exact_method: str = "ghost",
+                oracle_period: int = 1, oracle_chunk_size: Optional[int] = None,
+                batch_sharding: Optional[jax.sharding.Sharding] = None,
+                pt_device: Optional[jax.Device] = None) -> Runner:
+  """The fast path for U-SGD, RAIS-SGD and O-SGD: blocks of K steps.
+
+  Args:
+    model_fn: ``(params, batch) -> outputs`` (e.g. logits).
+    loss_head: ``(outputs, batch) -> (m,)`` per-example losses.
+    optimizer: an optax transformation taking the ``gain_ratio`` extra
+      argument, e.g. :func:`rais_jax.rais_sgd`.
+    sampler: from :func:`rais_jax.rais_sampler`, :func:`uniform_sampler` or
+      :func:`oracle_sampler` (the runner reads its configuration).
+    norms: ``"proxy"``, ``"exact"`` or None, as for
+      :func:`rais_jax.make_train_step`.
+    block_size: K, steps per block: the sampler's work happens once per
+      block. The (PT) period and delay and the oracle's refresh period are
+      rounded up to multiples of K.
+    exact_method: ``"ghost"`` or ``"vmap"`` for exact norms.
+    oracle_period: O-SGD refreshes all n exact norms every this many steps
+      (rounded up to a multiple of K).
+    oracle_chunk_size: examples per chunk of that refresh (default m).
+    batch_sharding: data parallelism, as for :func:`rais_jax.make_train_step`;
+      asynchronous (PT) works over a mesh here (the solve runs outside the
+      training program).
+    pt_device: where (PT) solves run (default: the host's first CPU device).
+
+  Returns:
+    A :class:`Runner`.
+  """
+  if norms not in ("proxy", "exact", None):
+    raise ValueError(f"norms must be 'proxy', 'exact' or None; got {norms!r}.")
+  if exact_method not in norms_lib.METHODS:
+    raise ValueError(f"exact_method must be one of {norms_lib.METHODS}; got "
+                     f"{exact_method!r}.")
+  if block_size < 1:
+    raise ValueError(f"block_size must be ≥ 1; got {block_size}.")
+  if oracle_period < 1:
+    raise ValueError(f"oracle_period must be ≥ 1; got {oracle_period}.")
+  m = sampler.batch_size
+  if norms == "proxy" and m % 2:
+    raise ValueError(
+        f"norms='proxy' splits each batch into two halves to estimate ‖∇F‖²; "
+        f"batch_size must be even, got {m}.")
+  return Runner(model_fn=model_fn, loss_head=loss_head, optimizer=optimizer,
+                sampler=sampler, norms=norms, block_size=block_size,
+                exact_method=exact_method, oracle_period=oracle_period,
+                oracle_chunk_size=m if oracle_chunk_size is None else oracle_chunk_size,
+                batch_sharding=batch_sharding, pt_device=pt_device)
