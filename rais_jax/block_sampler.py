@@ -264,7 +264,7 @@ def fold_in(config: SamplerConfig, state, sample: Sample, norms: chex.Array):
   # Duplicated indices read back the one value the scatter kept, so the
   # tree update below writes equal values for them.
   a, b = robust.centres_and_widths(state.c, state.d, fmap.compute(features, idx))
-  trees = sum_tree.update(state.trees, idx, leaf_rows(_ordered_after(a, p), b))
+  trees = sum_tree.update_many(state.trees, idx, leaf_rows(_ordered_after(a, p), b))
   state = state.replace(features=features, records=records, trees=trees,
                         totals=sum_tree.total(trees))
   return count_nonfinite(state, valid)

@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
                  "proxy or exact ghost norms")
   c.add_argument("--oracle-period", type=int, default=_DEFAULTS.oracle_period,
                  help="O-SGD recomputes all n exact norms every this many steps")
+  c.add_argument("--block-size", type=int, default=_DEFAULTS.block_size,
+                 help="steps per block of the fast path (at most this: the "
+                 "largest divisor of the steps per epoch; 1 = per-step sampling)")
   c.add_argument("--hidden", type=int, nargs="+", default=list(_DEFAULTS.hidden),
                  help="MLP hidden widths")
   c.add_argument("--num-samples", type=int, default=_DEFAULTS.num_samples,
@@ -76,6 +79,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
       epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
       lr=args.lr, lr_schedule=args.lr_schedule, momentum=args.momentum,
       norms=args.norms, oracle_period=args.oracle_period,
+      block_size=args.block_size,
       hidden=tuple(args.hidden), num_samples=args.num_samples,
       data_dir=args.data_dir)
   try:

@@ -144,3 +144,28 @@ def sample(tree: SumTree, key: chex.PRNGKey, shape: tuple[int, ...],
   uniforms = jax.random.uniform(key, (tree.depth,) + tuple(shape),
                                 dtype=tree.nodes.dtype)
   return descend(tree, uniforms, which)
+
+
+def update_dense(tree: SumTree, indices: chex.Array, values: chex.Array) -> SumTree:
+  """:func:`update` by re-summing every internal level: O(capacity), no gathers.
+
+  The same tree as :func:`update`, cheaper when many leaves change at once
+  (a block's K·m draws on a tree not much larger than that): one scatter of
+  the leaves, then contiguous sums level by level.
+  """
+  b = tree.branching
+  leaf_level = tree.nodes[..., tree.offset(tree.depth):].at[..., indices].set(
+      values.astype(tree.nodes.dtype))
+  lead = leaf_level.shape[:-1]
+  levels = [leaf_level]
+  while levels[-1].shape[-1] > 1:
+    levels.append(levels[-1].reshape(lead + (-1, b)).sum(axis=-1))
+  return tree.replace(nodes=jnp.concatenate(levels[::-1], axis=-1))
+
+
+def update_many(tree: SumTree, indices: chex.Array, values: chex.Array) -> SumTree:
+  """:func:`update` or :func:`update_dense`, whichever is cheaper for this many
+  leaves (measured on CPU: the dense form wins up to capacity ≈ 128 × leaves)."""
+  if tree.capacity <= 128 * indices.size:
+    return update_dense(tree, indices, values)
+  return update(tree, indices, values)

@@ -64,3 +64,60 @@ def test_one_step_on_four_devices_matches_one_device():
                           text=True, timeout=600,
                           cwd=pathlib.Path(__file__).parents[1])
   assert result.returncode == 0 and "MESH OK" in result.stdout, result.stderr[-3000:]
+
+
+RUNNER_SCRIPT = textwrap.dedent('''
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from flax import nnx
+    import rais_jax as rj
+    from rais_jax.models import MLP, functional
+
+    assert jax.device_count() == 4, jax.devices()
+    n, m, C = 256, 32, 4
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, C, n)
+    data = {"x": jnp.asarray(rng.normal(size=(n, 8)) + labels[:, None], jnp.float32),
+            "label": jnp.asarray(labels, jnp.int32)}
+    model_fn, params = functional(MLP(8, [32], C, rngs=nnx.Rngs(0)))
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    replicated = NamedSharding(mesh, P())
+
+    def run(mode, sharding, steps=40):
+      sampler = rj.rais_sampler(rj.default_features(labels, C), batch_size=m,
+                                buffer_size=64, pt_mode=mode)
+      runner = rj.make_runner(model_fn, rj.softmax_cross_entropy_head(),
+                              rj.rais_sgd(0.05, momentum=0.9), sampler,
+                              norms="exact", block_size=2, batch_sharding=sharding)
+      state = runner.init(params)
+      d = data
+      if sharding is not None:
+        state, d = jax.device_put((state, data), replicated)
+      with runner:
+        state, metrics = runner.run(state, jax.random.key(0), d, steps)
+      return jax.device_get((state, metrics))
+
+    four_async = run("async", NamedSharding(mesh, P("data")))
+    four_sync = run("sync", NamedSharding(mesh, P("data")))
+    assert int(four_async[0].sampler.diagnostics.pt_solves) >= 5
+    jax.tree.map(np.testing.assert_array_equal, four_async, four_sync)
+    # One block on 4 devices against 1 device: equal to float tolerance
+    # (longer runs drift apart: sampling amplifies last-bit differences).
+    one = run("sync", None, steps=2)
+    four = run("sync", NamedSharding(mesh, P("data")), steps=2)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(
+        np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5, atol=1e-5),
+        one, four)
+    print("RUNNER MESH OK")
+''')
+
+
+def test_fast_path_async_on_four_devices():
+  """The fast path's (PT) solves run outside the SPMD program: asynchronous
+  (PT) works over 4 devices, bit-identical to sync, close to one device."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", RUNNER_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=600,
+                          cwd=pathlib.Path(__file__).parents[1])
+  assert result.returncode == 0 and "RUNNER MESH OK" in result.stdout, result.stderr[-3000:]

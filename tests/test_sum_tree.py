@@ -16,14 +16,16 @@ def test_build_total_and_leaves(n):
   np.testing.assert_array_equal(sum_tree.leaves(tree, jnp.arange(n)), values)
 
 
-def test_update_with_duplicates_equals_rebuild():
+@pytest.mark.parametrize("update", [sum_tree.update, sum_tree.update_dense,
+                                    sum_tree.update_many])
+def test_update_with_duplicates_equals_rebuild(update):
   rng = np.random.default_rng(0)
   values = rng.uniform(0, 1, 37).astype(np.float32)
   tree = sum_tree.build(jnp.asarray(values))
   idx = np.array([3, 5, 3, 36, 0, 5])
   new = rng.uniform(0, 1, 37).astype(np.float32)
   values[idx] = new[idx]
-  updated = jax.jit(sum_tree.update)(tree, jnp.asarray(idx), jnp.asarray(new[idx]))
+  updated = jax.jit(update)(tree, jnp.asarray(idx), jnp.asarray(new[idx]))
   np.testing.assert_allclose(updated.nodes, sum_tree.build(jnp.asarray(values)).nodes,
                              rtol=1e-6)
 
@@ -72,3 +74,16 @@ def test_sampling_frequencies_chi_square():
 def test_build_rejects_empty():
   with pytest.raises(ValueError, match="at least one leaf"):
     sum_tree.build(jnp.zeros((0,)))
+
+
+def test_dense_update_of_a_stack():
+  """The block path's form: many leaves of a stack of trees at once."""
+  rng = np.random.default_rng(1)
+  values = rng.uniform(0, 1, (3, 600)).astype(np.float32)
+  tree = sum_tree.build(jnp.asarray(values))
+  idx = rng.integers(0, 600, 500)
+  new = rng.uniform(0, 1, (3, 600)).astype(np.float32)
+  values[:, idx] = new[:, idx]
+  dense = sum_tree.update_dense(tree, jnp.asarray(idx), jnp.asarray(new[:, idx]))
+  np.testing.assert_allclose(dense.nodes, sum_tree.build(jnp.asarray(values)).nodes,
+                             rtol=1e-5)

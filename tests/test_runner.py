@@ -1,0 +1,346 @@
+"""The fast path (rais_jax.runner): a branch-free step, block sampling, (PT)
+handed off between blocks, faults and checkpoints."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import rais_jax as rj
+from rais_jax import block_sampler as bs
+from rais_jax import checkpoint
+from rais_jax.models import MLP, functional
+from stats_helpers import pool, pooled_chisquare_pvalue
+from scipy import stats
+
+N, M, CLASSES, K = 240, 16, 4, 4
+
+
+@pytest.fixture(scope="module")
+def problem():
+  rng = np.random.default_rng(0)
+  centres = rng.normal(0, 1, (CLASSES, 8))
+  labels = rng.integers(0, CLASSES, N)
+  x = centres[labels] + rng.normal(0, 1.0, (N, 8))
+  data = {"x": jnp.asarray(x, jnp.float32), "label": jnp.asarray(labels, jnp.int32)}
+  model_fn, params = functional(MLP(8, [32], CLASSES, rngs=nnx.Rngs(0)))
+  return data, model_fn, params, labels
+
+
+def _sampler(method, labels, mode="async", norms="proxy"):
+  if method == "usgd":
+    return rj.uniform_sampler(N, batch_size=M)
+  if method == "osgd":
+    return rj.oracle_sampler(N, batch_size=M, scale_free=True)
+  return rj.rais_sampler(rj.default_features(labels, CLASSES), batch_size=M,
+                         buffer_size=96, pt_mode=mode, scale_free=norms == "proxy")
+
+
+def _runner(problem, method="rais", *, mode="async", norms="proxy", block_size=K):
+  _, model_fn, _, labels = problem
+  return rj.make_runner(
+      model_fn, rj.softmax_cross_entropy_head(), rj.rais_sgd(0.05, momentum=0.9),
+      _sampler(method, labels, mode, norms), norms=None if method == "usgd" else norms,
+      block_size=block_size, oracle_period=8)
+
+
+def _run(problem, steps, **kwargs):
+  data, _, params, _ = problem
+  runner = _runner(problem, **kwargs)
+  with runner:
+    state, metrics = runner.run(runner.init(params), jax.random.key(42), data, steps)
+  return state, metrics, runner
+
+
+# -- the compiled step ------------------------------------------------------
+
+
+def _computations(hlo: str) -> dict[str, str]:
+  """name -> body text of every computation in an HLO module dump."""
+  out, name, lines = {}, None, []
+  for line in hlo.splitlines():
+    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if head and not line.startswith(" "):
+      name, lines = head.group(1), []
+    elif line == "}" and name is not None:
+      out[name] = "\n".join(lines)
+      name = None
+    elif name is not None:
+      lines.append(line)
+  return out
+
+
+def _reachable(comps: dict[str, str], root: str) -> set[str]:
+  seen, todo = set(), [root]
+  while todo:
+    c = todo.pop()
+    if c in seen or c not in comps:
+      continue
+    seen.add(c)
+    todo += re.findall(r"(?:calls|to_apply|body|condition|branch_computations|"
+                       r"true_computation|false_computation)=\{?%([\w.\-]+)",
+                       comps[c])
+    todo += re.findall(r"branch_computations=\{([^}]*)\}", comps[c]) and [
+        x.strip().lstrip("%") for x in
+        ",".join(re.findall(r"branch_computations=\{([^}]*)\}", comps[c])).split(",")]
+  return seen
+
+
+@pytest.mark.parametrize("method, norms", [("rais", "exact"), ("rais", "proxy"),
+                                           ("usgd", None)])
+def test_step_loop_has_no_branch_loop_or_callback(problem, method, norms):
+  """The per-step loop body (the scan outside any conditional) compiles to
+  straight-line code: no conditional, no nested while, no host callback."""
+  data, _, params, _ = problem
+  runner = _runner(problem, method, norms=norms)
+  state = runner.init(params)
+  solved = runner._no_result(state) if runner.service else None
+  hlo = jax.jit(runner.block).lower(state, jax.random.key(0), data,
+                                    solved).compile().as_text()
+  comps = _computations(hlo)
+  entry = next(n for n in comps if re.search(r"^ENTRY %?" + re.escape(n) + " ", hlo,
+                                             re.M))
+  # Top-level loops: the step scan, and the sampler's random-number loops.
+  bodies = ["\n".join(comps[c] for c in _reachable(comps, body))
+            for body in re.findall(r"while\(.*?body=%([\w.\-]+)", comps[entry])]
+  steps = [text for text in bodies if re.search(r" dot\(|__ynn_fusion", text)]
+  assert len(steps) == 1, f"{len(steps)} top-level loops compute a gradient"
+  text = steps[0]
+  assert " conditional(" not in text, "a conditional in the step loop"
+  assert " while(" not in text, "a nested loop in the step loop"
+  calls = re.findall(r'custom_call_target="([^"]+)"', text)
+  assert not [c for c in calls if "callback" in c.lower()], calls
+  # The check can fail: the guarded re-run's loop is inside a conditional.
+  assert " conditional(" in comps[entry]
+
+
+# -- block sampling ---------------------------------------------------------
+
+
+def _fitted_state(n=1000, num_classes=4, seed=0, floor=0.05):
+  rng = np.random.default_rng(seed)
+  fmap = rj.default_features(rng.integers(0, num_classes, n), num_classes)
+  sampler = rj.rais_sampler(fmap, batch_size=64, floor=floor, pt_mode="sync")
+  config = sampler.config
+  state = bs.init(config)
+  idx = jnp.arange(n)
+  state = state.replace(features=fmap.update(
+      state.features, idx, jnp.asarray(rng.lognormal(0, 1, n), jnp.float32),
+      jnp.asarray(rng.uniform(size=n) < 0.8)))
+  c = jnp.asarray(rng.uniform(0, 1, fmap.num_features), jnp.float32)
+  d = jnp.asarray(rng.uniform(0, 1, fmap.num_features), jnp.float32)
+  return sampler, config, bs.set_parameters(config, state, c, d)
+
+
+def test_block_draws_match_probabilities_chi_square():
+  """K·m = 32·64 draws per block from n = 1000 (duplicates in every block):
+  frequencies against p, and each draw reports its own p and weight."""
+  _, config, state = _fitted_state()
+  draw = jax.jit(lambda k: bs.draw(config, state, k, (32, 64)))
+  samples = [draw(k) for k in jax.random.split(jax.random.key(0), 64)]
+  idx = np.concatenate([np.asarray(s.indices).ravel() for s in samples])
+  probs = np.concatenate([np.asarray(s.probs).ravel() for s in samples])
+  weights = np.concatenate([np.asarray(s.weights).ravel() for s in samples])
+  block = np.asarray(samples[0].indices).ravel()
+  assert len(block) - len(np.unique(block)) > 100  # duplicates within a block
+  p = np.asarray(bs.probabilities(config, state), np.float64)
+  np.testing.assert_allclose(probs, p[idx], rtol=1e-5)
+  np.testing.assert_allclose(weights, 1 / (1000 * p[idx]), rtol=1e-4)
+  counts = np.bincount(idx, minlength=1000)
+  # p-value uniform under a correct sampler; 1e-3 fails one seed in 1000.
+  assert pooled_chisquare_pvalue(counts, p * idx.size) > 1e-3
+
+
+def test_block_and_per_step_draws_agree_in_distribution():
+  """The fast path's (K, m) draws and make_train_step's per-step (m,) draws
+  come from one distribution (two-sample chi-square)."""
+  sampler, config, state = _fitted_state(seed=3)
+  per_step = jax.jit(jax.vmap(lambda k: sampler.sample(state, k)))(
+      jax.random.split(jax.random.key(1), 2048)).indices
+  block = jax.jit(jax.vmap(lambda k: bs.draw(config, state, k, (32, 64))))(
+      jax.random.split(jax.random.key(2), 64)).indices
+  a = np.bincount(np.asarray(per_step).ravel(), minlength=1000)
+  b = np.bincount(np.asarray(block).ravel(), minlength=1000)
+  assert a.sum() == b.sum()
+  table = np.stack(pool((a + b) >= 10, a, b))
+  assert stats.chi2_contingency(table).pvalue > 1e-3
+
+
+def test_block_importance_weighted_gradient_is_unbiased():
+  """mean over blocks of (1/m) Σ_k w_k g_k equals (1/n) Σ_i g_i, per step of
+  the block (each weight uses the p its index was drawn from)."""
+  _, config, state = _fitted_state(n=200, seed=5, floor=0.1)
+  grads = jnp.asarray(np.random.default_rng(1).normal(size=(200, 3)), jnp.float32)
+  truth = np.asarray(grads.mean(0), np.float64)
+
+  def estimate(key):
+    s = bs.draw(config, state, key, (8, 64))
+    return jnp.mean(s.weights[..., None] * grads[s.indices], axis=1)  # (8, 3)
+
+  est = np.asarray(jax.jit(jax.vmap(estimate))(
+      jax.random.split(jax.random.key(7), 4000)), np.float64).reshape(-1, 3)
+  mean, se = est.mean(0), est.std(0, ddof=1) / np.sqrt(len(est))
+  # 8 steps of one block share nothing but p, so the 32000 estimates are
+  # i.i.d.; |z| < 4.5 fails with probability ~2e-5 per coordinate.
+  assert np.all(np.abs(mean - truth) < 4.5 * se), (mean, truth, se)
+
+
+def test_fold_in_matches_per_step_updates_without_duplicates():
+  """Folding a block in at once gives the features, D and trees that m-sized
+  updates one after the other give, when no index repeats."""
+  sampler, config, state = _fitted_state(n=300, seed=2)
+  rng = np.random.default_rng(0)
+  idx = jnp.asarray(rng.permutation(300)[:4 * 64].reshape(4, 64), jnp.int32)
+  p = bs.probabilities_at(config, state, idx)
+  sample = bs.Sample(indices=idx, probs=p, weights=1 / (300 * p))
+  norms = jnp.asarray(rng.lognormal(0, 1, (4, 64)), jnp.float32)
+  norms = norms.at[1, 3].set(jnp.nan)
+  block = bs.fold_in(config, state, sample, norms)
+  steps = state
+  for t in range(4):
+    steps = bs.fold_in(config, steps, jax.tree.map(lambda x: x[t], sample), norms[t])
+  for a, b in [(block.features, steps.features), (block.records, steps.records),
+               (block.totals, steps.totals), (block.diagnostics, steps.diagnostics)]:
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5), a, b)
+  np.testing.assert_allclose(block.trees.nodes, steps.trees.nodes, rtol=1e-5)
+  assert int(block.diagnostics.nonfinite_norms) == 1
+
+
+# -- training, (PT) hand-off ------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["usgd", "rais", "osgd"])
+def test_methods_train(problem, method):
+  data, model_fn, params, _ = problem
+  state, metrics, runner = _run(problem, 160, method=method)
+  head = rj.softmax_cross_entropy_head()
+  before = rj.evaluate(model_fn, head, params, data)
+  after = rj.evaluate(model_fn, head, state.params, data)
+  assert float(after["loss"]) < 0.5 * float(before["loss"])
+  assert metrics.loss.shape == (160,)
+  assert np.all(np.isfinite(np.asarray(metrics.loss)))
+  r = np.asarray(metrics.gain_ratio)
+  assert np.all((r >= 1) & (r <= M))
+  assert int(state.step) == 160 and int(state.skipped_steps) == 0
+  if method == "usgd":
+    assert np.all(r == 1)
+  if method == "rais":
+    assert runner.pt_period == 8 and runner.pt_delay == 4
+    assert int(state.sampler.diagnostics.pt_solves) >= 15
+    assert int(state.sampler.diagnostics.pt_failures) == 0
+
+
+@pytest.mark.parametrize("norms", ["proxy", "exact"])
+def test_async_sync_and_in_graph_runs_are_identical(problem, norms):
+  """Host solves with and without waiting, and in-graph solves (one scanned
+  program over blocks): bit-identical states and metrics on the CPU."""
+  data, _, params, _ = problem
+  a, ma, _ = _run(problem, 96, mode="async", norms=norms)
+  s, ms, _ = _run(problem, 96, mode="sync", norms=norms)
+  assert int(a.sampler.diagnostics.pt_solves) >= 9
+  jax.tree.map(np.testing.assert_array_equal, (a, ma), (s, ms))
+  runner = _runner(problem, mode="sync", norms=norms)
+  key = jax.random.key(42)
+  graph = jax.jit(lambda st: jax.lax.scan(
+      lambda c, b: runner.block(c, jax.random.fold_in(key, b), data), st,
+      jnp.arange(96 // K)))
+  g, mg = graph(runner.init(params))
+  mg = jax.tree.map(lambda x: x.reshape(-1), mg)
+  jax.tree.map(np.testing.assert_array_equal, (g, mg), (s, ms))
+
+
+def test_calls_in_pieces_equal_one_call(problem):
+  data, _, params, _ = problem
+  whole, mw, _ = _run(problem, 64)
+  runner = _runner(problem)
+  state = runner.init(params)
+  parts = []
+  for steps in (12, 20, 32):  # boundaries mid-period, with solves in flight
+    state, m = runner.run(state, jax.random.key(42), data, steps)
+    parts.append(m)
+  runner.close()
+  jax.tree.map(np.testing.assert_array_equal, whole, state)
+  jax.tree.map(lambda x, *y: np.testing.assert_array_equal(x, np.concatenate(y)),
+               mw, *parts)
+
+
+def test_checkpoint_resume_mid_solve_is_bit_identical(problem, tmp_path):
+  """Saved at a block boundary while a solve is in flight, restored into a
+  new runner (whose service never saw it): the run continues bit-identically."""
+  data, _, params, labels = problem
+  full, _, _ = _run(problem, 48)
+  half, _, _ = _run(problem, 24)  # (PT) period 8, delay 4: submitted at 24
+  assert int(half.sampler.pending.due) == 28
+  sampler = _sampler("rais", labels)
+  checkpoint.save(tmp_path / "ckpt", half, sampler)
+  fresh = _runner(problem)
+  restored = checkpoint.restore(tmp_path / "ckpt", fresh.init(params), sampler)
+  jax.tree.map(np.testing.assert_array_equal, restored, half)
+  with fresh:
+    resumed, _ = fresh.run(restored, jax.random.key(42), data, 24)
+  jax.tree.map(np.testing.assert_array_equal, resumed, full)
+
+
+def test_run_validates_its_arguments(problem):
+  data, _, params, _ = problem
+  runner = _runner(problem)
+  with pytest.raises(ValueError, match="multiple of the block size"):
+    runner.run(runner.init(params), jax.random.key(0), data, 6)
+  with pytest.raises(ValueError, match="n = 240"):
+    runner.run(runner.init(params), jax.random.key(0),
+               jax.tree.map(lambda x: x[:100], data), 4)
+  with pytest.raises(ValueError, match="block_size"):
+    _runner(problem, block_size=0)
+  with pytest.raises(ValueError, match="even"):
+    rj.make_runner(problem[1], rj.softmax_cross_entropy_head(), rj.rais_sgd(0.1),
+                   rj.rais_sampler(rj.default_features(problem[3], CLASSES),
+                                   batch_size=5))
+
+
+# -- faults -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, norms", [("usgd", None), ("rais", "proxy"),
+                                           ("rais", "exact")])
+def test_all_nan_data_changes_nothing(problem, method, norms):
+  data, _, params, _ = problem
+  bad = {**data, "x": jnp.full_like(data["x"], jnp.nan)}
+  runner = _runner(problem, method, norms=norms)
+  state0 = runner.init(params)
+  opt0 = jax.tree.map(np.asarray, state0.opt_state)
+  state, metrics = runner.run(state0, jax.random.key(0), bad, 8)
+  runner.close()
+  jax.tree.map(np.testing.assert_array_equal, state.params, params)
+  jax.tree.map(np.testing.assert_array_equal, state.opt_state, opt0)
+  assert int(state.skipped_steps) == 8 and not np.any(np.asarray(metrics.applied))
+  if method == "rais":
+    assert int(state.sampler.diagnostics.nonfinite_norms) == 8 * M
+
+
+@pytest.mark.parametrize("norms", ["proxy", "exact"])
+def test_nan_examples_skip_exactly_their_steps(problem, norms):
+  """3 of 240 examples NaN: the block re-runs guarded, skipping exactly the
+  steps that drew one; everything stays finite and the clean loss falls."""
+  data, model_fn, params, _ = problem
+  x = np.asarray(data["x"]).copy()
+  x[[5, 77, 150]] = np.nan
+  bad = {**data, "x": jnp.asarray(x)}
+  runner = _runner(problem, norms=norms)
+  state, metrics = runner.run(runner.init(params), jax.random.key(3), bad, 160)
+  runner.close()
+  finite_loss = np.isfinite(np.asarray(metrics.loss))
+  np.testing.assert_array_equal(np.asarray(metrics.applied), finite_loss)
+  skipped = int(state.skipped_steps)
+  assert skipped == int((~finite_loss).sum()) and 5 <= skipped <= 100
+  assert int(state.sampler.diagnostics.nonfinite_norms) >= skipped
+  assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(
+      (state.params, state.opt_state, state.moments, state.sampler.trees)))
+  keep = np.ones(N, bool)
+  keep[[5, 77, 150]] = False
+  clean = jax.tree.map(lambda v: v[keep], data)
+  head = rj.softmax_cross_entropy_head()
+  assert (float(rj.evaluate(model_fn, head, state.params, clean)["loss"])
+          < 0.5 * float(rj.evaluate(model_fn, head, params, clean)["loss"]))
