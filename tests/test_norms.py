@@ -20,6 +20,7 @@ def _mlp():
   return loss_fn, params, batch
 
 
+@pytest.mark.usefixtures("highest_precision")
 def test_vmap_matches_python_loop():
   loss_fn, params, batch = _mlp()
   norms = jax.jit(lambda p, b: per_example_grad_norms(

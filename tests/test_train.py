@@ -70,6 +70,7 @@ def test_exact_norms_step(problem):
   assert np.all(np.isfinite(np.asarray(metrics.loss)))
 
 
+@pytest.mark.usefixtures("highest_precision")
 @pytest.mark.parametrize("method", ["rais", "osgd"])
 def test_ghost_step_matches_vmap_step(problem, method):
   """Same step with ghost and with vmap norms: the gradient, the norms
