@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 import rais_jax as rj
-from rais_jax import sampler as sampler_lib
+from rais_jax import pt_solver
 from rais_jax.models import MLP, functional
 
 from common import write  # pylint: disable=g-bad-import-order
@@ -130,7 +130,7 @@ def main(argv=None):
   for name, value in zip(("steps", "n", "nan_rate"), defaults):
     if getattr(args, name) is None:
       setattr(args, name, value)
-  sampler_lib.solve_pt = _failing_solver(sampler_lib.solve_pt)
+  pt_solver.solve_pt = _failing_solver(pt_solver.solve_pt)
   if args.train:
     soak_train(args)
   else:

@@ -25,12 +25,16 @@ another run's result.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
-from typing import Optional
+import hashlib
+import threading
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rais_jax import pt_solver
 from rais_jax.block_sampler import PendingSolve
@@ -41,6 +45,30 @@ def solve(*args, max_iters: int):
   features, norms, probs, feature_sum, c, d = args
   return pt_solver.solve_pt(features, norms, probs, feature_sum, init=(c, d),
                             max_iters=max_iters)
+
+
+_SOLVE_PT = pt_solver.solve_pt  # for shapes only: never a patched stand-in
+
+
+@functools.lru_cache(maxsize=None)
+def result_shapes(num_records: int, num_features: int) -> tuple:
+  """Shapes and dtypes of a solve's (c, d, PTInfo), derived from the solver."""
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  vec = f32(num_features)
+  return jax.eval_shape(
+      lambda f, v, p, s_, c, d: _SOLVE_PT(f, v, p, s_, init=(c, d), max_iters=1),
+      f32(num_records, num_features), f32(num_records), f32(num_records), vec,
+      vec, vec)
+
+
+def failed_result(num_features: int) -> tuple:
+  """What a solve that raised reports: NaN (c, d), ``ok`` False (counted as a
+  failure; the previous (c, d) are kept)."""
+  nan = np.full((num_features,), np.nan, np.float32)
+  return (nan, nan.copy(), pt_solver.PTInfo(
+      iterations=np.int32(0), converged=np.bool_(False),
+      objective=np.float32(np.nan), constraint=np.float32(np.nan),
+      step_norm=np.float32(np.nan), ok=np.bool_(False)))
 
 
 def default_device() -> jax.Device:
@@ -90,8 +118,15 @@ class SolveService:
     if self._executor is None:
       self._executor = concurrent.futures.ThreadPoolExecutor(
           max_workers=1, thread_name_prefix="rais-pt")
-    future = self._executor.submit(
-        lambda: jax.block_until_ready(self._solve(*args)))
+    d_r = args[0].shape[1]
+
+    def run():
+      try:
+        return jax.block_until_ready(self._solve(*args))
+      except Exception:  # pylint: disable=broad-except
+        return failed_result(d_r)  # counted as a failed solve when applied
+
+    future = self._executor.submit(run)
     if self.wait:
       future.result()
     self._results[key] = future
@@ -119,3 +154,67 @@ class SolveService:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+class CallbackSolves:
+  """The per-step path's service: (PT) solves for ``io_callback``s.
+
+  ``submit`` and ``fetch`` are called from inside the training program with
+  the snapshot as NumPy arrays; solves run on a worker thread on the host CPU
+  device (on an accelerator a solve would otherwise queue behind the running
+  train step, which may be the one waiting for it). Results are keyed by a
+  digest of the snapshot, so two runs that share a sampler never read each
+  other's results, and a fetch with no matching submission (e.g. after
+  restoring a checkpoint in a new process) solves on the spot. The worker
+  thread starts with the first submission; :meth:`close` stops it.
+  """
+
+  _MAX_IN_FLIGHT = 16
+
+  def __init__(self, solve_fn: Callable[..., tuple]):
+    self._solve = solve_fn
+    self._device = default_device()
+    self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+    self._futures: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  @staticmethod
+  def _key(args) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in args:
+      h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+  def _safe_solve(self, *args):
+    try:
+      out = self._solve(*jax.device_put(args, self._device))
+      return jax.tree.map(np.asarray, out)
+    except Exception:  # pylint: disable=broad-except
+      return failed_result(args[0].shape[1])
+
+  def submit(self, *args) -> np.ndarray:
+    args = tuple(np.asarray(a) for a in args)
+    key = self._key(args)
+    with self._lock:
+      if self._executor is None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="rais-pt")
+      if key not in self._futures:
+        self._futures[key] = self._executor.submit(self._safe_solve, *args)
+      while len(self._futures) > self._MAX_IN_FLIGHT:
+        self._futures.popitem(last=False)
+    return np.zeros((), np.int32)
+
+  def fetch(self, *args):
+    args = tuple(np.asarray(a) for a in args)
+    with self._lock:
+      future = self._futures.pop(self._key(args), None)
+    return future.result() if future is not None else self._safe_solve(*args)
+
+  def close(self) -> None:
+    """Drops results not yet fetched (re-solved if needed) and stops the thread."""
+    with self._lock:
+      self._futures.clear()
+      executor, self._executor = self._executor, None
+    if executor is not None:
+      executor.shutdown(wait=True)

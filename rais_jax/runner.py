@@ -15,9 +15,11 @@ schedule (:func:`make_runner`):
    non-finite update (no ``cond``, no ``while``, no callback: tested on the
    compiled program);
 3. after the block, the K·m measurements are folded into features, the ring
-   buffer D and the sum-trees at once, and at (PT) period boundaries the
-   snapshot is submitted and a solve due now is applied (``lax.cond`` once per
-   block).
+   buffer D and the sum-trees at once;
+4. at the block boundaries the schedule names, separate small programs do the
+   period work: apply a (PT) result that is due, snapshot D for the next
+   solve, refresh the O-SGD oracle. No ``cond`` carries the O(n) sampler
+   state (XLA copies a conditional's operands).
 
 Every weight uses the p its index was drawn from, so g_R stays unbiased; the
 features and trees are up to K steps stale. The (PT) period becomes a multiple
@@ -26,9 +28,10 @@ of K: P = K ⌈⌈|D|/m⌉ / K⌉ steps, and its delay a whole number of blocks.
 :meth:`Runner.run` drives blocks from the host. With ``pt_mode="async"`` each
 snapshot is solved by a :class:`rais_jax.pt_service.SolveService` on the host
 CPU while training goes on, and the result enters the block it is due in as an
-argument; ``"sync"`` waits for each solve. The two give bit-identical runs. A
-block called with ``solved=None`` solves in-graph instead (one program, e.g.
-for a ``lax.scan`` over blocks on a TPU); on the CPU that is bit-identical too.
+argument; ``"sync"`` waits for each solve. The two give bit-identical runs.
+:meth:`Runner.block` is one whole block with its period work as ``lax.cond``s,
+pure, for a ``lax.scan`` over blocks in one program (with ``solved=None`` it
+solves (PT) in-graph); on the CPU that is bit-identical too.
 The block keys are ``fold_in(key, step // K)``, so a run resumed from a
 checkpoint at any block boundary continues bit-identically.
 
@@ -74,7 +77,8 @@ def _tree_select(pred: chex.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
 
 
 class Runner:
-  """Built by :func:`make_runner`: ``init``, the pure ``block``, host ``run``.
+  """Built by :func:`make_runner`: ``init``, the pure ``steps`` / period-work
+  functions / ``block``, and the host driver ``run``.
 
   Attributes:
     block_size: K, steps per block.
@@ -106,8 +110,8 @@ class Runner:
     self._exact_method, self._oracle_chunk = exact_method, oracle_chunk_size
     self._batch_sharding = batch_sharding
     # The state is donated: the O(n) sampler arrays are updated in place.
-    self._block = jax.jit(self.block, donate_argnums=0)
-    self._placeholder = None
+    self._jitted = {name: jax.jit(getattr(self, name), donate_argnums=0)
+                    for name in ("steps", "refresh", "deliver", "submit")}
 
   # -- pure functions ------------------------------------------------------
 
@@ -209,19 +213,14 @@ class Runner:
         data, self._oracle_chunk)
     return bs.refresh(self.config, sampler_state, all_norms)
 
-  def block(self, state: RunnerState, key: chex.PRNGKey, data: PyTree,
-            solved: Optional[tuple] = None) -> tuple[RunnerState, StepMetrics]:
-    """K steps from ``state``: pure and jit-able.
+  def steps(self, state: RunnerState, key: chex.PRNGKey, data: PyTree
+            ) -> tuple[RunnerState, StepMetrics]:
+    """The K steps of a block without the period work: draw, scan, fold in.
 
-    Args:
-      state: a :class:`RunnerState` at a block boundary.
-      key: this block's key (``run`` uses ``fold_in(key, step // K)``).
-      data: the training set, leading axis n, on device.
-      solved: the (c, d, info) of the (PT) solve due at the end of this
-        block, from the host service; None solves it in-graph.
-
-    Returns:
-      The state after K steps and the K steps' :class:`StepMetrics`.
+    Pure and jit-able. :meth:`run` calls it between the period-work
+    functions (:meth:`refresh`, :meth:`deliver`, :meth:`submit`) at the
+    block boundaries the static schedule names, so no ``cond`` has to carry
+    the O(n) sampler state (XLA copies a conditional's operands).
     """
     self._check_data(data)
     cfg, k, m = self.config, self.block_size, self.batch_size
@@ -229,55 +228,81 @@ class Runner:
         lambda p, b: self._loss_head(self._model_fn(p, b), b), state.params,
         jax.tree.map(lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype),
                      data))
-    sampler_state = state.sampler
-    if cfg.kind == "oracle":
-      sampler_state = jax.lax.cond(
-          state.step % self.oracle_period == 0,
-          lambda s: self._refresh_oracle(s, state.params, data), lambda s: s,
-          sampler_state)
-    drawn = bs.draw(cfg, sampler_state, key, (k, m))
+    drawn = bs.draw(cfg, state.sampler, key, (k, m))
     carry = (state.params, state.opt_state, state.moments, state.skipped_steps)
     carry, (norms, metrics) = self._scan(data, carry, drawn)
     params, opt_state, moments, skipped = carry
-    sampler_state = bs.fold_in(cfg, sampler_state, drawn, norms)
-    step = state.step + k
-    if self.pt_enabled:
-      def deliver(s):
-        result = solved
-        if result is None:
-          result = pt_service.solve(*s.pending.solve_args(),
-                                    max_iters=cfg.pt_max_iters)
-        return bs.deliver(cfg, s, result)
+    return RunnerState(
+        params=params, opt_state=opt_state,
+        sampler=bs.fold_in(cfg, state.sampler, drawn, norms), moments=moments,
+        step=state.step + k, skipped_steps=skipped), metrics
 
-      sampler_state = jax.lax.cond(sampler_state.pending.due == step, deliver,
-                                   lambda s: s, sampler_state)
-      # Skipped (non-finite) measurements can leave D short of full at a
-      # boundary: then wait for the next one rather than solve empty slots.
-      submit = (step % self.pt_period == 0) & records_lib.is_full(sampler_state.records)
-      sampler_state = jax.lax.cond(
-          submit, lambda s: bs.submit(cfg, s, step + self.pt_delay),
-          lambda s: s, sampler_state)
-    return RunnerState(params=params, opt_state=opt_state, sampler=sampler_state,
-                       moments=moments, step=step, skipped_steps=skipped), metrics
+  def refresh(self, state: RunnerState, data: PyTree) -> RunnerState:
+    """O-SGD: recompute the oracle's exact norms of all n examples."""
+    return state.replace(sampler=self._refresh_oracle(state.sampler, state.params,
+                                                      data))
+
+  def deliver(self, state: RunnerState, solved: Optional[tuple] = None
+              ) -> RunnerState:
+    """Applies the (PT) result due now (``solved``; None solves in-graph)."""
+    cfg = self.config
+    if solved is None:
+      solved = pt_service.solve(*state.sampler.pending.solve_args(),
+                                max_iters=cfg.pt_max_iters)
+    return state.replace(sampler=bs.deliver(cfg, state.sampler, solved))
+
+  def submit(self, state: RunnerState) -> RunnerState:
+    """Snapshots D for (PT), due ``pt_delay`` steps from now, if D is full.
+
+    Skipped (non-finite) measurements can leave D short of full at a period
+    boundary: then nothing is submitted until the next one.
+    """
+    s = state.sampler
+    new = bs.submit(self.config, s, state.step + self.pt_delay)
+    full = records_lib.is_full(s.records)
+    pending = jax.tree.map(lambda a, b: jnp.where(full, a, b), new.pending,
+                           s.pending)
+    return state.replace(sampler=s.replace(pending=pending))
+
+  def _refresh_due(self, step) -> Any:
+    return step % self.oracle_period == 0
+
+  def block(self, state: RunnerState, key: chex.PRNGKey, data: PyTree,
+            solved: Optional[tuple] = None) -> tuple[RunnerState, StepMetrics]:
+    """A whole block with its period work (as ``lax.cond``s): pure, jit-able.
+
+    What :meth:`run` does for one block, in one function, e.g. to
+    ``lax.scan`` over blocks in a single program (then pass no ``solved``:
+    (PT) is solved in-graph).
+
+    Args:
+      state: a :class:`RunnerState` at a block boundary.
+      key: this block's key (``run`` uses ``fold_in(key, step // K)``).
+      data: the training set, leading axis n, on device.
+      solved: the (c, d, info) of the (PT) solve due at the end of this
+        block; None solves it in-graph.
+
+    Returns:
+      The state after K steps and the K steps' :class:`StepMetrics`.
+    """
+    if self.config.kind == "oracle":
+      state = jax.lax.cond(self._refresh_due(state.step),
+                           lambda s: self.refresh(s, data), lambda s: s, state)
+    state, metrics = self.steps(state, key, data)
+    if self.pt_enabled:
+      state = jax.lax.cond(state.sampler.pending.due == state.step,
+                           lambda s: self.deliver(s, solved), lambda s: s, state)
+      state = jax.lax.cond(state.step % self.pt_period == 0, self.submit,
+                           lambda s: s, state)
+    return state, metrics
 
   # -- host driver ---------------------------------------------------------
 
-  def _no_result(self, state: RunnerState) -> tuple:
-    """A stand-in (failed) result for blocks where no solve is due."""
-    if self._placeholder is None:
-      c = state.sampler.c
-      shapes = jax.eval_shape(
-          functools.partial(pt_service.solve, max_iters=1),
-          *state.sampler.pending.solve_args())
-      self._placeholder = jax.tree.map(
-          lambda s: jax.device_put(jnp.zeros(s.shape, s.dtype), c.sharding),
-          shapes)
-    return self._placeholder
-
   def run(self, state: RunnerState, key: chex.PRNGKey, data: PyTree,
           num_steps: int) -> tuple[RunnerState, StepMetrics]:
-    """``num_steps`` (a multiple of K) steps, block by block, with (PT)
-    solves handed to the service between blocks.
+    """``num_steps`` (a multiple of K) steps, block by block, with the period
+    work at the block boundaries of the static schedule and (PT) solves
+    handed to the service.
 
     ``state`` is donated (its buffers are reused in place): continue from
     the returned state. The host reads the device once per call and once per
@@ -292,28 +317,30 @@ class Runner:
       raise ValueError(f"state.step ({step}) is not at a block boundary of K = {k}.")
     due_key = None
     if self.service is not None:
-      pending = state.sampler.pending
-      due_key = self.service.key(pending)
+      due_key = self.service.key(state.sampler.pending)
       if due_key[2] <= step:  # nothing in flight
         due_key = None
       elif due_key not in self.service:  # e.g. restored from a checkpoint
-        self.service.submit(pending)
+        self.service.submit(state.sampler.pending)
+    jitted = self._jitted
     metrics = []
     for _ in range(num_steps // k):
-      end = step + k
-      solved = None
-      if self.service is not None:
-        solved = self._no_result(state)
-        if due_key is not None and due_key[2] == end:
-          solved = self.service.take(due_key, (state.sampler.c, state.sampler.d))
-          due_key = None
-      state, block_metrics = self._block(state, jax.random.fold_in(key, step // k),
-                                         data, solved)
+      if self.config.kind == "oracle" and self._refresh_due(step):
+        state = jitted["refresh"](state, data)
+      state, block_metrics = jitted["steps"](
+          state, jax.random.fold_in(key, step // k), data)
       metrics.append(block_metrics)
-      step = end
-      if self.service is not None and step % self.pt_period == 0:
+      step += k
+      if self.service is None:
+        continue
+      if due_key is not None and due_key[2] == step:
+        solved = self.service.take(due_key, (state.sampler.c, state.sampler.d))
+        state = jitted["deliver"](state, solved)
+        due_key = None
+      if step % self.pt_period == 0:
+        state = jitted["submit"](state)
         key_now = self.service.key(state.sampler.pending)
-        if key_now[2] == step + self.pt_delay:  # submitted by this block
+        if key_now[2] == step + self.pt_delay:  # D was full: submitted
           self.service.submit(state.sampler.pending)
           due_key = key_now
     return state, jax.tree.map(lambda *x: jnp.concatenate(x), *metrics)

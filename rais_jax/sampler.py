@@ -1,4 +1,11 @@
-"""The RAIS sampler: O(m log n) robust importance sampling over a state pytree.
+"""The sampler factories, and the per-step sampler API over one state pytree.
+
+:func:`rais_sampler`, :func:`uniform_sampler` and :func:`oracle_sampler` return
+a :class:`Sampler`: its ``config`` drives the fast path
+(:func:`rais_jax.make_runner`, blocks of K steps, see
+:mod:`rais_jax.block_sampler`), and its functions are the per-step API that
+:func:`rais_jax.make_train_step` uses (the same block functions with K = 1,
+plus the gain-ratio moments and the (PT) hand-off as ``lax.cond``).
 
 The state (:class:`SamplerState`) holds everything: per-example features, a
 stack of three sum-trees (over a_i = ⟨c, s_i⟩, over b_i = ⟨d, s_i⟩, and over
@@ -28,29 +35,23 @@ Reference: Johnson & Guestrin, NeurIPS 2018.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import functools
-import hashlib
-import threading
 from typing import Any, Callable, NamedTuple, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from jax.experimental import io_callback
 
 from rais_jax import block_sampler as bs
 from rais_jax import gain_ratio as gain_ratio_lib
-from rais_jax import pt_solver
+from rais_jax import pt_service
 from rais_jax import records as records_lib
 from rais_jax import sum_tree
 from rais_jax.block_sampler import Diagnostics, PendingSolve, Sample, SamplerConfig
 from rais_jax.features import FeatureMap
-from rais_jax.pt_solver import PTInfo, solve_pt
 from rais_jax.records import Records
 
 PyTree = Any
@@ -87,6 +88,11 @@ class Sampler(NamedTuple):
   * ``set_parameters(state, c, d)`` → state sampling from the robust
     distribution of (c, d) (trees rebuilt, O(n)); e.g. to warm-start a run.
   * ``refresh(state, norms)`` → state; oracle samplers only: p ∝ norms.
+  * ``close()`` stops the worker thread of asynchronous (PT) solves, if one
+    was started (the per-step path starts it with the first submission).
+
+  ``config`` is what the factory was asked for; the fast path
+  (:func:`rais_jax.make_runner`) builds its block functions from it.
   """
 
   init: Callable[[], SamplerState]
@@ -101,75 +107,7 @@ class Sampler(NamedTuple):
   feature_names: tuple[str, ...]
   pt_mode: str  # "async" or "sync" (also for samplers that never solve)
   config: SamplerConfig  # what the factory was asked for (the fast path reads it)
-
-
-class _AsyncPT:
-  """Runs (PT) solves on a background thread and the host CPU, keyed by content.
-
-  The key includes a digest of the snapshot, so two runs that share a sampler
-  never read each other's results, and a fetch with no matching submission
-  (e.g. after restoring a checkpoint in a new process) solves on the spot.
-  """
-
-  _MAX_IN_FLIGHT = 16
-
-  def __init__(self, solve: Callable[..., tuple]):
-    self._solve = solve
-    # Solve on the host: on an accelerator the solve would queue behind the
-    # running train step, which may be the one waiting for its result.
-    try:
-      self._device = jax.local_devices(backend="cpu")[0]
-    except RuntimeError:  # no CPU backend (JAX_PLATFORMS without cpu)
-      self._device = None
-    self._executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="rais-pt")
-    self._futures: collections.OrderedDict = collections.OrderedDict()
-    self._lock = threading.Lock()
-
-  @staticmethod
-  def _key(args) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for a in args:
-      h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-  def _safe_solve(self, *args):
-    try:
-      if self._device is not None:
-        args = jax.device_put(args, self._device)
-      out = self._solve(*args)
-      return jax.tree.map(np.asarray, out)
-    except Exception:  # pylint: disable=broad-except
-      return None  # reported as a failed solve by ``fetch``
-
-  def warm_up(self, *args) -> None:
-    """Compiles the solver in the background (first deliveries don't wait)."""
-    self._executor.submit(self._safe_solve, *(np.asarray(a) for a in args))
-
-  def submit(self, *args) -> np.ndarray:
-    args = tuple(np.asarray(a) for a in args)
-    key = self._key(args)
-    with self._lock:
-      if key not in self._futures:
-        self._futures[key] = self._executor.submit(self._safe_solve, *args)
-      while len(self._futures) > self._MAX_IN_FLIGHT:
-        self._futures.popitem(last=False)
-    return np.zeros((), np.int32)
-
-  def fetch(self, *args):
-    args = tuple(np.asarray(a) for a in args)
-    key = self._key(args)
-    with self._lock:
-      future = self._futures.pop(key, None)
-    out = future.result() if future is not None else self._safe_solve(*args)
-    if out is None:
-      d_r = args[0].shape[1]
-      nan = np.full((d_r,), np.nan, np.float32)
-      out = (nan, nan, PTInfo(iterations=np.int32(0), converged=np.bool_(False),
-                              objective=np.float32(np.nan),
-                              constraint=np.float32(np.nan),
-                              step_norm=np.float32(np.nan), ok=np.bool_(False)))
-    return out
+  close: Callable[[], None]  # stops the per-step path's (PT) worker thread, if any
 
 
 def _make_sampler(config: SamplerConfig) -> Sampler:
@@ -179,17 +117,15 @@ def _make_sampler(config: SamplerConfig) -> Sampler:
   n, m = config.num_examples, config.batch_size
   d_r = config.feature_map.num_features
   pt_enabled = config.pt_period > 0
-  solve = functools.partial(_solve, max_iters=config.pt_max_iters)
-  async_pt = (_AsyncPT(jax.jit(solve))
+  solve = functools.partial(pt_service.solve, max_iters=config.pt_max_iters)
+  async_pt = (pt_service.CallbackSolves(jax.jit(solve))
               if pt_enabled and config.pt_mode == "async" else None)
-  result_shapes = _solve_shapes(config.buffer_size, d_r)
+  result_shapes = pt_service.result_shapes(config.buffer_size, d_r)
   bind = lambda fn: functools.partial(fn, config)
   set_parameters, fold_in = bind(bs.set_parameters), bind(bs.fold_in)
 
   def init() -> SamplerState:
     robust_state = _placeholder_state(config) if config.kind == "uniform" else bs.init(config)
-    if async_pt is not None:
-      async_pt.warm_up(*jax.tree.map(np.asarray, robust_state.pending.solve_args()))
     return SamplerState(**{f.name: getattr(robust_state, f.name)
                            for f in dataclasses.fields(robust_state)},
                         moments=gain_ratio_lib.init(),
@@ -251,7 +187,8 @@ def _make_sampler(config: SamplerConfig) -> Sampler:
                  num_examples=n, batch_size=m,
                  feature_names=tuple(config.feature_map.names),
                  pt_mode=config.pt_mode if async_pt is not None else "sync",
-                 config=config)
+                 config=config,
+                 close=async_pt.close if async_pt is not None else lambda: None)
 
 
 def _placeholder_state(config: SamplerConfig) -> bs.RobustState:
@@ -261,22 +198,6 @@ def _placeholder_state(config: SamplerConfig) -> bs.RobustState:
       features=config.feature_map.init(), **bs.rebuild_trees(config, None, None, None),
       c=zeros(), d=zeros(), fitted=jnp.zeros((), bool), records=records_lib.init(1, 1),
       pending=bs.empty_pending(1, 1, zeros(), zeros()), diagnostics=Diagnostics.zeros())
-
-
-def _solve(*args, max_iters: int):
-  features, norms, probs, feature_sum, c, d = args
-  return solve_pt(features, norms, probs, feature_sum, init=(c, d),
-                  max_iters=max_iters)
-
-
-def _solve_shapes(num_records: int, num_features: int):
-  """Shapes and dtypes of a solve's (c, d, PTInfo), derived once from the solver."""
-  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-  solve = lambda f, v, p, s, c, d: pt_solver.solve_pt(f, v, p, s, init=(c, d))
-  return jax.eval_shape(
-      solve, f32(num_records, num_features),
-      f32(num_records), f32(num_records), f32(num_features), f32(num_features),
-      f32(num_features))
 
 
 def _check_common(num_examples: int, batch_size: int, floor: float) -> None:

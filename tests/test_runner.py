@@ -12,6 +12,7 @@ from flax import nnx
 import rais_jax as rj
 from rais_jax import block_sampler as bs
 from rais_jax import checkpoint
+from rais_jax import pt_solver
 from rais_jax.models import MLP, functional
 from stats_helpers import pool, pooled_chisquare_pvalue
 from scipy import stats
@@ -89,17 +90,18 @@ def _reachable(comps: dict[str, str], root: str) -> set[str]:
   return seen
 
 
-@pytest.mark.parametrize("method, norms", [("rais", "exact"), ("rais", "proxy"),
-                                           ("usgd", None)])
-def test_step_loop_has_no_branch_loop_or_callback(problem, method, norms):
+@pytest.mark.parametrize("method, norms, function", [
+    ("rais", "exact", "steps"), ("rais", "proxy", "steps"), ("usgd", None, "steps"),
+    ("rais", "exact", "block"), ("osgd", "exact", "block")])
+def test_step_loop_has_no_branch_loop_or_callback(problem, method, norms, function):
   """The per-step loop body (the scan outside any conditional) compiles to
-  straight-line code: no conditional, no nested while, no host callback."""
+  straight-line code: no conditional, no nested while, no host callback; in
+  what ``run`` calls (``steps``) and in the all-in-one ``block``."""
   data, _, params, _ = problem
   runner = _runner(problem, method, norms=norms)
   state = runner.init(params)
-  solved = runner._no_result(state) if runner.service else None
-  hlo = jax.jit(runner.block).lower(state, jax.random.key(0), data,
-                                    solved).compile().as_text()
+  hlo = jax.jit(getattr(runner, function)).lower(
+      state, jax.random.key(0), data).compile().as_text()
   comps = _computations(hlo)
   entry = next(n for n in comps if re.search(r"^ENTRY %?" + re.escape(n) + " ", hlo,
                                              re.M))
@@ -301,6 +303,27 @@ def test_run_validates_its_arguments(problem):
 
 
 # -- faults -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, failure", [("sync", "nan"), ("async", "raise")])
+def test_failed_solves_keep_the_previous_parameters(problem, monkeypatch, mode,
+                                                    failure):
+  """A solve that raises (on the service's thread) or returns NaN is counted
+  and leaves (c, d) and the sampling distribution as they were."""
+  def broken(features, norms, probs, feature_sum, *, init, max_iters):
+    if failure == "raise":
+      raise RuntimeError("solver exploded")
+    c, d, info = rj.solve_pt(features, norms, probs, feature_sum, init=init,
+                             max_iters=max_iters)
+    return c * jnp.nan, d, info._replace(ok=jnp.zeros((), bool))
+
+  monkeypatch.setattr(pt_solver, "solve_pt", broken)
+  state, metrics, _ = _run(problem, 48, mode=mode)
+  diag = state.sampler.diagnostics
+  assert int(diag.pt_failures) >= 4 and int(diag.pt_solves) == 0
+  assert not bool(state.sampler.fitted)
+  np.testing.assert_array_equal(state.sampler.c, 0.0)
+  assert np.all(np.isfinite(np.asarray(metrics.loss)))
 
 
 @pytest.mark.parametrize("method, norms", [("usgd", None), ("rais", "proxy"),

@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 
 import rais_jax as rj
-from rais_jax import sampler as sampler_lib
+from rais_jax import pt_solver
 from stats_helpers import pool, pooled_chisquare_pvalue
 
 
@@ -165,7 +165,7 @@ def test_failed_solve_keeps_previous_parameters(monkeypatch, mode, failure):
                              max_iters=max_iters)
     return c * jnp.nan, d, info._replace(ok=jnp.zeros((), bool))
 
-  monkeypatch.setattr(sampler_lib, "solve_pt", broken)
+  monkeypatch.setattr(pt_solver, "solve_pt", broken)
   labels, v = _true_norms(100)
   sampler = rj.rais_sampler(rj.default_features(labels, 3), batch_size=10,
                             pt_mode=mode)
