@@ -4,7 +4,10 @@
 
 One "step" is what RAIS does per training step outside the model: draw m
 indices with their probabilities, then update the sampled examples' features
-and sum-tree leaves (``Sampler.sample`` + ``Sampler.update``). The reference
+and sum-tree leaves (``Sampler.sample`` + ``Sampler.update``, the per-step
+path). The fast path's column is the same work done once per block of K steps
+(``block_sampler.draw`` of K·m indices + ``block_sampler.fold_in`` of K·m
+measurements), divided by K. The reference
 draws the same m indices with ``jax.random.choice(p=...)`` over the O(n)
 probability vector, which changes at the sampled entries every step (as RAIS's
 does), so its O(n) cumulative sum cannot be hoisted out of the loop. Steps run inside one jitted ``lax.scan``; medians of
@@ -20,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rais_jax as rj
+from rais_jax import block_sampler as bs
 
 from common import interleaved_medians, write  # pylint: disable=g-bad-import-order
 
@@ -30,6 +34,7 @@ def main(argv=None):
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--steps", type=int, default=100)
   p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--block-size", type=int, default=32)
   args = p.parse_args(argv)
   m, k = args.batch_size, args.steps
   rows = []
@@ -63,7 +68,20 @@ def main(argv=None):
 
     choice_run = jax.jit(lambda p: jax.lax.scan(choice_body, p, keys)[0],
                          donate_argnums=0)
-    carry = {"tree": state, "choice": sampler.probabilities(state)}
+    config, block = sampler.config, args.block_size
+
+    def block_body(st, key):
+      drawn = bs.draw(config, st, key, (block, m))
+      return bs.fold_in(config, st, drawn, drawn.probs * n), None
+
+    block_keys = keys[:max(1, k // block)]
+    block_run = jax.jit(lambda st: jax.lax.scan(block_body, st, block_keys)[0],
+                        donate_argnums=0)
+    robust = bs.RobustState(**{f: getattr(state, f) for f in (
+        "features", "trees", "totals", "c", "d", "fitted", "records", "pending",
+        "diagnostics")})
+    carry = {"tree": state, "choice": sampler.probabilities(state),
+             "block": jax.tree.map(jnp.copy, robust)}
 
     def advance(name, fn):
       def go():
@@ -72,17 +90,21 @@ def main(argv=None):
       return go
 
     t = interleaved_medians({"tree": advance("tree", tree_run),
-                             "choice": advance("choice", choice_run)},
+                             "choice": advance("choice", choice_run),
+                             "block": advance("block", block_run)},
                             repeats=args.repeats)
+    block_steps = len(block_keys) * block
     rows.append({"n": n, "sum-tree sample+update (ms)": t["tree"] / k * 1e3,
+                 f"block of K={block}: per step (ms)": t["block"] / block_steps * 1e3,
                  "random.choice sample (ms)": t["choice"] / k * 1e3,
                  "speed-up": t["choice"] / t["tree"]})
     print(rows[-1], flush=True)
   base = rows[0]["sum-tree sample+update (ms)"]
   for r in rows:
     r["t(n) / t(n_min)"] = r["sum-tree sample+update (ms)"] / base
-  md = write("sampler", rows, ["n", "sum-tree sample+update (ms)", "random.choice sample (ms)",
-                               "speed-up", "t(n) / t(n_min)"],
+  md = write("sampler", rows, ["n", "sum-tree sample+update (ms)",
+                               f"block of K={args.block_size}: per step (ms)",
+                               "random.choice sample (ms)", "speed-up", "t(n) / t(n_min)"],
              f"Sampler step, m={m}, {k} steps per scan, median of {args.repeats}")
   print(md)
 

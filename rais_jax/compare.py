@@ -120,8 +120,11 @@ class _Runner:
     self.optimizer = rj.rais_sgd(schedule(config, total),
                                  momentum=config.momentum)
     self.sampler = _sampler(method, labels, classes, config)
-    limit = (min(config.block_size, config.oracle_period) if method == "osgd"
-             else config.block_size)
+    limit = config.block_size
+    if method == "osgd":  # refresh on schedule
+      limit = min(limit, config.oracle_period)
+    if method == "rais":  # blocks of at most half a (PT) period (see make_runner)
+      limit = min(limit, max(1, self.sampler.config.pt_period // 2))
     self.block_size = block_size(self.steps_per_epoch, limit)
     head = rj.softmax_cross_entropy_head()
     self.runner = rj.make_runner(model_fn, head, self.optimizer, self.sampler,

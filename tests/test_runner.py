@@ -37,7 +37,7 @@ def _sampler(method, labels, mode="async", norms="proxy"):
   if method == "osgd":
     return rj.oracle_sampler(N, batch_size=M, scale_free=True)
   return rj.rais_sampler(rj.default_features(labels, CLASSES), batch_size=M,
-                         buffer_size=96, pt_mode=mode, scale_free=norms == "proxy")
+                         buffer_size=128, pt_mode=mode, scale_free=norms == "proxy")
 
 
 def _runner(problem, method="rais", *, mode="async", norms="proxy", block_size=K):
@@ -296,10 +296,12 @@ def test_run_validates_its_arguments(problem):
                jax.tree.map(lambda x: x[:100], data), 4)
   with pytest.raises(ValueError, match="block_size"):
     _runner(problem, block_size=0)
+  with pytest.warns(UserWarning, match="half the"):
+    _runner(problem, block_size=2 * K)  # the (PT) period is 8 steps
   with pytest.raises(ValueError, match="even"):
     rj.make_runner(problem[1], rj.softmax_cross_entropy_head(), rj.rais_sgd(0.1),
                    rj.rais_sampler(rj.default_features(problem[3], CLASSES),
-                                   batch_size=5))
+                                   batch_size=5), block_size=4)
 
 
 # -- faults -----------------------------------------------------------------
