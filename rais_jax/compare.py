@@ -154,9 +154,11 @@ class _Runner:
   def run(self, params, seed: int, epochs: int) -> dict:
     key = jax.random.key(seed)
     if not self.compiled:
-      # Warm up before the clock starts: compiling alone (lower().compile())
-      # left the first timed epoch ~40 ms slower on MNIST-1D; a full epoch,
-      # whose result is dropped, does not.
+      # Compile before the clock starts: every program of the run (the
+      # block, the (PT) delivery and submission, the solver), then one
+      # epoch whose result is dropped (compiling alone left the first timed
+      # epoch ~40 ms slower on MNIST-1D).
+      self.runner.warm_up(params, self.train)
       jax.block_until_ready(self.runner.run(self.runner.init(params), key,
                                             self.train, self.steps_per_epoch))
       self.runner.close()

@@ -117,12 +117,19 @@ class Runner:
   # -- pure functions ------------------------------------------------------
 
   def init(self, params: PyTree) -> RunnerState:
-    """A fresh state holding a copy of ``params`` (:meth:`run` donates it)."""
+    """A fresh state holding a copy of ``params`` (:meth:`run` donates it).
+
+    Every leaf is committed to the default device, as the outputs of the
+    compiled programs are: otherwise the first blocks would see a different
+    mix of placements than later ones and compile again mid-run. (Place it
+    elsewhere, e.g. replicated over a mesh, with ``jax.device_put``.)
+    """
     params = jax.tree.map(jnp.copy, params)
-    return RunnerState(params=params, opt_state=self.optimizer.init(params),
-                       sampler=bs.init(self.config), moments=gain_ratio_lib.init(),
-                       step=jnp.zeros((), jnp.int32),
-                       skipped_steps=jnp.zeros((), jnp.int32))
+    state = RunnerState(params=params, opt_state=self.optimizer.init(params),
+                        sampler=bs.init(self.config), moments=gain_ratio_lib.init(),
+                        step=jnp.zeros((), jnp.int32),
+                        skipped_steps=jnp.zeros((), jnp.int32))
+    return jax.device_put(state, jax.local_devices()[0])
 
   def gain_ratio(self, state: RunnerState) -> chex.Array:
     """r the next step will use."""
@@ -345,6 +352,23 @@ class Runner:
           self.service.submit(state.sampler.pending)
           due_key = key_now
     return state, jax.tree.map(lambda *x: jnp.concatenate(x), *metrics)
+
+  def warm_up(self, params: PyTree, data: PyTree) -> None:
+    """Compiles every program :meth:`run` may call (one block, the period
+    work, the (PT) solver) on a throwaway state, so that timing a run
+    afterwards does not include compilation."""
+    state = self.init(params)
+    state, _ = self._jitted["steps"](state, jax.random.key(0), data)
+    if self.config.kind == "oracle":
+      state = self._jitted["refresh"](state, data)
+    if self.service is not None:
+      state = self._jitted["submit"](state)
+      pending = state.sampler.pending
+      self.service.submit(pending)
+      solved = self.service.take(self.service.key(pending),
+                                 (state.sampler.c, state.sampler.d))
+      state = self._jitted["deliver"](state, solved)
+    jax.block_until_ready(state)
 
   def close(self) -> None:
     """Drops (PT) results not yet applied (they are re-solved if needed)."""
