@@ -111,9 +111,11 @@ class SolveService:
     key = self.key(pending)
     if key in self._results:
       return
-    # A copy, never an alias: the training program may donate or overwrite
-    # the state's buffers while the solve still reads them.
-    args = [jax.device_put(_local(a), self.device, may_alias=False)
+    # A copy through host memory, never an alias: the next programs donate
+    # the state's buffers (over a 4-device mesh, device_put(...,
+    # may_alias=False) of a replicated array still handed the solve a buffer
+    # that the next block then deleted).
+    args = [jax.device_put(np.asarray(_local(a)), self.device)
             for a in pending.solve_args()]
     if self._executor is None:
       self._executor = concurrent.futures.ThreadPoolExecutor(

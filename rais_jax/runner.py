@@ -57,8 +57,8 @@ from rais_jax import norms as norms_lib
 from rais_jax import records as records_lib
 from rais_jax import pt_service
 from rais_jax.sampler import Sampler
-from rais_jax.train import (LossHead, ModelFn, StepMetrics, chunked_map,
-                            measured_gradient)
+from rais_jax.train import (LossHead, ModelFn, StepMetrics, check_data,
+                            chunked_map, measured_gradient)
 
 PyTree = Any
 
@@ -142,14 +142,6 @@ class Runner:
     return gain_ratio_lib.estimate(moments, cfg.batch_size, alpha=cfg.ema_rate,
                                    r_max=cfg.r_max, scale_free=cfg.scale_free)
 
-  def _check_data(self, data: PyTree) -> None:
-    n = norms_lib.batch_size_of(data)
-    if n != self.num_examples:
-      raise ValueError(
-          f"data has {n} examples along its leading axis, but the sampler was "
-          f"built for n = {self.num_examples}. Pass the whole training set "
-          "the sampler's features describe.")
-
   def _step(self, data: PyTree, carry, drawn: bs.Sample, *, guarded: bool):
     """One SGD step of the block's scan: no branch, no callback.
 
@@ -230,7 +222,7 @@ class Runner:
     block boundaries the static schedule names, so no ``cond`` has to carry
     the O(n) sampler state (XLA copies a conditional's operands).
     """
-    self._check_data(data)
+    check_data(data, self.num_examples)
     cfg, k, m = self.config, self.block_size, self.batch_size
     norms_lib.check_loss_fn(
         lambda p, b: self._loss_head(self._model_fn(p, b), b), state.params,

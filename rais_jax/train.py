@@ -121,6 +121,17 @@ def _proxy_gradient(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
   return grads, u, inner, losses.reshape(m)
 
 
+def check_data(data: PyTree, num_examples: int) -> None:
+  """Trace-time check of the training set: out-of-range gathers would clamp
+  silently."""
+  n = norms_lib.batch_size_of(data)
+  if n != num_examples:
+    raise ValueError(
+        f"data has {n} examples along its leading axis, but the sampler was "
+        f"built for n = {num_examples}. Pass the whole training set the "
+        "sampler's features describe.")
+
+
 def measured_gradient(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
                       batch: PyTree, weights: chex.Array, *, norms: Optional[str],
                       exact_method: str = "ghost"):
@@ -222,18 +233,9 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
         data, oracle_chunk)
     return sampler.refresh(sampler_state, all_norms)
 
-  def check_data(data: PyTree) -> None:
-    """Trace-time checks: out-of-range gathers would clamp silently."""
-    n = norms_lib.batch_size_of(data)
-    if n != sampler.num_examples:
-      raise ValueError(
-          f"data has {n} examples along its leading axis, but the sampler was "
-          f"built for n = {sampler.num_examples}. Pass the whole training set "
-          "the sampler's features describe.")
-
   def step(state: TrainState, key: chex.PRNGKey, data: PyTree
            ) -> tuple[TrainState, StepMetrics]:
-    check_data(data)
+    check_data(data, sampler.num_examples)
     if norms != "exact":  # value_grad_and_norms checks the loss itself
       norms_lib.check_loss_fn(loss_fn, state.params, jax.tree.map(
           lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), data))

@@ -7,13 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
+import problems
 import rais_jax as rj
 from rais_jax import block_sampler as bs
 from rais_jax import checkpoint
 from rais_jax import pt_solver
-from rais_jax.models import MLP, functional
 from stats_helpers import pool, pooled_chisquare_pvalue
 from scipy import stats
 
@@ -22,13 +21,7 @@ N, M, CLASSES, K = 240, 16, 4, 4
 
 @pytest.fixture(scope="module")
 def problem():
-  rng = np.random.default_rng(0)
-  centres = rng.normal(0, 1, (CLASSES, 8))
-  labels = rng.integers(0, CLASSES, N)
-  x = centres[labels] + rng.normal(0, 1.0, (N, 8))
-  data = {"x": jnp.asarray(x, jnp.float32), "label": jnp.asarray(labels, jnp.int32)}
-  model_fn, params = functional(MLP(8, [32], CLASSES, rngs=nnx.Rngs(0)))
-  return data, model_fn, params, labels
+  return problems.classification(N, CLASSES)
 
 
 def _sampler(method, labels, mode="async", norms="proxy"):
@@ -312,14 +305,7 @@ def test_failed_solves_keep_the_previous_parameters(problem, monkeypatch, mode,
                                                     failure):
   """A solve that raises (on the service's thread) or returns NaN is counted
   and leaves (c, d) and the sampling distribution as they were."""
-  def broken(features, norms, probs, feature_sum, *, init, max_iters):
-    if failure == "raise":
-      raise RuntimeError("solver exploded")
-    c, d, info = rj.solve_pt(features, norms, probs, feature_sum, init=init,
-                             max_iters=max_iters)
-    return c * jnp.nan, d, info._replace(ok=jnp.zeros((), bool))
-
-  monkeypatch.setattr(pt_solver, "solve_pt", broken)
+  monkeypatch.setattr(pt_solver, "solve_pt", problems.broken_solver(failure))
   state, metrics, _ = _run(problem, 48, mode=mode)
   diag = state.sampler.diagnostics
   assert int(diag.pt_failures) >= 4 and int(diag.pt_solves) == 0

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import problems
 import rais_jax as rj
 from rais_jax import pt_solver
 from stats_helpers import pool, pooled_chisquare_pvalue
@@ -158,14 +159,7 @@ def test_nonfinite_norms_are_skipped_and_counted():
 
 @pytest.mark.parametrize("mode, failure", [("sync", "nan"), ("async", "raise")])
 def test_failed_solve_keeps_previous_parameters(monkeypatch, mode, failure):
-  def broken(features, norms, probs, feature_sum, *, init, max_iters):
-    if failure == "raise":
-      raise RuntimeError("solver exploded")
-    c, d, info = rj.solve_pt(features, norms, probs, feature_sum, init=init,
-                             max_iters=max_iters)
-    return c * jnp.nan, d, info._replace(ok=jnp.zeros((), bool))
-
-  monkeypatch.setattr(pt_solver, "solve_pt", broken)
+  monkeypatch.setattr(pt_solver, "solve_pt", problems.broken_solver(failure))
   labels, v = _true_norms(100)
   sampler = rj.rais_sampler(rj.default_features(labels, 3), batch_size=10,
                             pt_mode=mode)

@@ -3,23 +3,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
 
+import problems
 import rais_jax as rj
-from rais_jax.models import MLP, functional
 
 N, M, CLASSES = 240, 16, 4
 
 
 @pytest.fixture(scope="module")
 def problem():
-  rng = np.random.default_rng(0)
-  centres = rng.normal(0, 1, (CLASSES, 8))
-  labels = rng.integers(0, CLASSES, N)
-  x = centres[labels] + rng.normal(0, 1.0, (N, 8))
-  data = {"x": jnp.asarray(x, jnp.float32), "label": jnp.asarray(labels, jnp.int32)}
-  model_fn, params = functional(MLP(8, [32], CLASSES, rngs=nnx.Rngs(0)))
-  return data, model_fn, params, labels
+  return problems.classification(N, CLASSES)
 
 
 def _sampler(method, labels, mode="async"):

@@ -1,0 +1,30 @@
+"""Small problems and stand-ins shared by the training-loop tests."""
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import rais_jax as rj
+from rais_jax.models import MLP, functional
+
+
+def classification(n: int, classes: int):
+  """(data, model_fn, params, labels): Gaussian classes in 8-D, an MLP 8-32."""
+  rng = np.random.default_rng(0)
+  centres = rng.normal(0, 1, (classes, 8))
+  labels = rng.integers(0, classes, n)
+  x = centres[labels] + rng.normal(0, 1.0, (n, 8))
+  data = {"x": jnp.asarray(x, jnp.float32), "label": jnp.asarray(labels, jnp.int32)}
+  model_fn, params = functional(MLP(8, [32], classes, rngs=nnx.Rngs(0)))
+  return data, model_fn, params, labels
+
+
+def broken_solver(failure: str):
+  """A stand-in for ``solve_pt`` that raises (``"raise"``) or returns NaN."""
+  def solve(features, norms, probs, feature_sum, *, init, max_iters):
+    if failure == "raise":
+      raise RuntimeError("solver exploded")
+    c, d, info = rj.solve_pt(features, norms, probs, feature_sum, init=init,
+                             max_iters=max_iters)
+    return c * jnp.nan, d, info._replace(ok=jnp.zeros((), bool))
+  return solve
