@@ -162,12 +162,15 @@ class Runner:
     # r comes from past steps only, so this step's noise does not set its own
     # learning rate.
     r = self._gain_ratio(moments)
-    if cfg.kind == "uniform":  # ‖g‖² is only needed for the gain ratio
+    if cfg.kind == "uniform" and not guarded:
+      # ‖g‖² is a pass over the gradient that only the gain ratio needs; the
+      # block's final check catches a non-finite gradient behind a finite loss.
       grad_sq_norm = jnp.full((), jnp.nan, jnp.float32)
       applied = jnp.isfinite(loss)
     else:
       grad_sq_norm = optax.tree.norm(grads, squared=True)
       applied = jnp.isfinite(loss) & jnp.isfinite(grad_sq_norm)
+    if cfg.kind != "uniform":
       moments = gain_ratio_lib.update(
           moments, u, drawn.probs, cfg.num_examples, grad_sq_norm,
           grad_halves_inner=inner, alpha=cfg.ema_rate)
