@@ -4,7 +4,8 @@ Johnson & Guestrin, "Training Deep Models Faster with Robust, Approximate
 Importance Sampling", NeurIPS 2018.
 """
 
-from rais_jax import ghost, sum_tree
+from rais_jax import block_sampler, ghost, records, sum_tree
+from rais_jax.block_sampler import SamplerConfig
 from rais_jax.features import FeatureMap, default_features, static_features
 from rais_jax.gain_ratio import GainRatioState
 from rais_jax.norms import (per_example_grad_norms, softmax_cross_entropy_proxy_norms,
@@ -29,5 +30,5 @@ __all__ = [
     "rais_sampler", "rais_sgd", "robust_probabilities", "scale_by_gain_ratio",
     "softmax_cross_entropy_head", "softmax_cross_entropy_proxy_norms", "solve_pt",
     "static_features", "sum_tree", "uniform_sampler", "value_grad_and_norms",
-    "worst_case_second_moment", "ghost",
+    "worst_case_second_moment", "ghost", "block_sampler", "records", "SamplerConfig",
 ]

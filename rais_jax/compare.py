@@ -48,7 +48,8 @@ class CompareConfig:
   norms: str = "proxy"  # how RAIS measures u_k: "proxy" or "exact"
   oracle_period: int = 10  # O-SGD refreshes all n exact norms every k steps
   # K of the fast path: the largest divisor of the steps per epoch up to this
-  # (O-SGD: up to the oracle period, so that it refreshes on schedule).
+  # (RAIS: also up to half its (PT) period; O-SGD: up to the oracle period,
+  # so that it refreshes on schedule).
   block_size: int = 32
   hidden: tuple[int, ...] = (256, 256)
   num_samples: int = 10_000  # MNIST-1D only

@@ -1,4 +1,4 @@
-"""(PT) solves outside the training program, on one device, by JAX's async dispatch.
+"""(PT) solves outside the training program, on one device and a worker thread.
 
 The fast path (:mod:`rais_jax.runner`) hands each (PT) snapshot to a
 :class:`SolveService` between two blocks of steps. ``submit`` copies the
@@ -80,7 +80,8 @@ def default_device() -> jax.Device:
 
 
 def fingerprint(pending: PendingSolve) -> jax.Array:
-  """A scalar that tells snapshots apart (computed on device)."""
+  """(Σ norms, Σ probs, due) of a snapshot, computed on device: tells
+  snapshots apart without copying them to the host."""
   return jnp.stack([pending.norms.sum(), pending.probs.sum(),
                     pending.due.astype(jnp.float32)])
 
