@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import chex
 import jax
@@ -57,8 +57,8 @@ from rais_jax import norms as norms_lib
 from rais_jax import records as records_lib
 from rais_jax import pt_service
 from rais_jax.sampler import Sampler
-from rais_jax.train import (LossHead, ModelFn, StepMetrics, check_data,
-                            chunked_map, measured_gradient)
+from rais_jax.train import (LossHead, ModelFn, StepMetrics, all_exact_norms,
+                            check_data, measured_gradient)
 
 PyTree = Any
 
@@ -103,7 +103,6 @@ class Runner:
     self.pt_period = k * blocks(config.pt_period)
     self.pt_delay = k * min(blocks(config.pt_delay), self.pt_period // k)
     self.oracle_period = k * blocks(oracle_period)
-    self.pt_mode = config.pt_mode
     self.service = (pt_service.SolveService(
         max_iters=config.pt_max_iters, device=pt_device,
         wait=config.pt_mode == "sync") if self.pt_enabled else None)
@@ -210,11 +209,9 @@ class Runner:
 
   def _refresh_oracle(self, sampler_state, params, data):
     loss_fn = lambda p, b: self._loss_head(self._model_fn(p, b), b)
-    all_norms = chunked_map(
-        lambda b: norms_lib.per_example_grad_norms(loss_fn, params, b,
-                                                   method=self._exact_method),
-        data, self._oracle_chunk)
-    return bs.refresh(self.config, sampler_state, all_norms)
+    return bs.refresh(self.config, sampler_state, all_exact_norms(
+        loss_fn, params, data, chunk_size=self._oracle_chunk,
+        method=self._exact_method))
 
   def steps(self, state: RunnerState, key: chex.PRNGKey, data: PyTree
             ) -> tuple[RunnerState, StepMetrics]:

@@ -121,6 +121,15 @@ def _proxy_gradient(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
   return grads, u, inner, losses.reshape(m)
 
 
+def all_exact_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],
+                    params: PyTree, data: PyTree, *, chunk_size: int,
+                    method: str) -> chex.Array:
+  """Exact ‖∇f_i‖ of all n examples of ``data``, in chunks (the oracle's)."""
+  return chunked_map(
+      lambda b: norms_lib.per_example_grad_norms(loss_fn, params, b, method=method),
+      data, chunk_size)
+
+
 def check_data(data: PyTree, num_examples: int) -> None:
   """Trace-time check of the training set: out-of-range gathers would clamp
   silently."""
@@ -227,11 +236,8 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
     return loss_head(model_fn(params, batch), batch)
 
   def refresh_oracle(sampler_state: SamplerState, params, data) -> SamplerState:
-    all_norms = chunked_map(
-        lambda b: norms_lib.per_example_grad_norms(loss_fn, params, b,
-                                                   method=exact_method),
-        data, oracle_chunk)
-    return sampler.refresh(sampler_state, all_norms)
+    return sampler.refresh(sampler_state, all_exact_norms(
+        loss_fn, params, data, chunk_size=oracle_chunk, method=exact_method))
 
   def step(state: TrainState, key: chex.PRNGKey, data: PyTree
            ) -> tuple[TrainState, StepMetrics]:
