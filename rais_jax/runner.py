@@ -58,7 +58,7 @@ from rais_jax import records as records_lib
 from rais_jax import pt_service
 from rais_jax.sampler import Sampler
 from rais_jax.train import (LossHead, ModelFn, StepMetrics, all_exact_norms,
-                            check_data, measured_gradient)
+                            check_data, check_norms, measured_gradient)
 
 PyTree = Any
 
@@ -409,11 +409,7 @@ def make_runner(model_fn: ModelFn, loss_head: LossHead,
   Returns:
     A :class:`Runner`.
   """
-  if norms not in ("proxy", "exact", None):
-    raise ValueError(f"norms must be 'proxy', 'exact' or None; got {norms!r}.")
-  if exact_method not in norms_lib.METHODS:
-    raise ValueError(f"exact_method must be one of {norms_lib.METHODS}; got "
-                     f"{exact_method!r}.")
+  check_norms(norms, exact_method, sampler.batch_size)
   if block_size < 1:
     raise ValueError(f"block_size must be ≥ 1; got {block_size}.")
   if oracle_period < 1:
@@ -427,10 +423,6 @@ def make_runner(model_fn: ModelFn, loss_head: LossHead,
         "MNIST-1D (every seed; up to a fifth of the period matched K = 1). "
         "Use a smaller block_size.", stacklevel=2)
   m = sampler.batch_size
-  if norms == "proxy" and m % 2:
-    raise ValueError(
-        f"norms='proxy' splits each batch into two halves to estimate ‖∇F‖²; "
-        f"batch_size must be even, got {m}.")
   return Runner(model_fn=model_fn, loss_head=loss_head, optimizer=optimizer,
                 sampler=sampler, norms=norms, block_size=block_size,
                 exact_method=exact_method, oracle_period=oracle_period,

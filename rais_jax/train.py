@@ -130,6 +130,19 @@ def all_exact_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],
       data, chunk_size)
 
 
+def check_norms(norms: Optional[str], exact_method: str, batch_size: int) -> None:
+  """One clear error for a norm source the step cannot use."""
+  if norms not in ("proxy", "exact", None):
+    raise ValueError(f"norms must be 'proxy', 'exact' or None; got {norms!r}.")
+  if exact_method not in norms_lib.METHODS:
+    raise ValueError(f"exact_method must be one of {norms_lib.METHODS}; got "
+                     f"{exact_method!r}.")
+  if norms == "proxy" and batch_size % 2:
+    raise ValueError(
+        f"norms='proxy' splits each batch into two halves to estimate ‖∇F‖²; "
+        f"batch_size must be even, got {batch_size}.")
+
+
 def check_data(data: PyTree, num_examples: int) -> None:
   """Trace-time check of the training set: out-of-range gathers would clamp
   silently."""
@@ -212,11 +225,7 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
   Returns:
     The step function.
   """
-  if norms not in ("proxy", "exact", None):
-    raise ValueError(f"norms must be 'proxy', 'exact' or None; got {norms!r}.")
-  if exact_method not in norms_lib.METHODS:
-    raise ValueError(f"exact_method must be one of {norms_lib.METHODS}; got "
-                     f"{exact_method!r}.")
+  check_norms(norms, exact_method, sampler.batch_size)
   if (batch_sharding is not None and len(batch_sharding.device_set) > 1
       and sampler.pt_mode == "async"):
     raise ValueError(
@@ -225,10 +234,6 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
         "for a solve that cannot run while the devices wait for it). Build "
         "the sampler with rais_sampler(..., pt_mode='sync').")
   m = sampler.batch_size
-  if norms == "proxy" and m % 2:
-    raise ValueError(
-        f"norms='proxy' splits each batch into two halves to estimate ‖∇F‖²; "
-        f"batch_size must be even, got {m}.")
   oracle_period = 1 if oracle_period is None else oracle_period
   oracle_chunk = m if oracle_chunk_size is None else oracle_chunk_size
 
