@@ -28,3 +28,20 @@ def broken_solver(failure: str):
                              max_iters=max_iters)
     return c * jnp.nan, d, info._replace(ok=jnp.zeros((), bool))
   return solve
+
+
+def fitted_sampler(n=1000, m=256, floor=0.05, seed=0, num_classes=4):
+  """(sampler, state, fmap, c, d): a RAIS sampler whose state samples from
+  random (c, d) over distinct last norms (far from uniform). The per-step
+  state also serves the block functions, which read the same fields."""
+  rng = np.random.default_rng(seed)
+  fmap = rj.default_features(rng.integers(0, num_classes, n), num_classes)
+  sampler = rj.rais_sampler(fmap, batch_size=m, floor=floor, pt_mode="sync")
+  state = sampler.init()
+  idx = jnp.arange(n)
+  state = state.replace(features=fmap.update(
+      state.features, idx, jnp.asarray(rng.lognormal(0, 1, n), jnp.float32),
+      jnp.asarray(rng.uniform(size=n) < 0.8)))
+  c = jnp.asarray(rng.uniform(0, 1, fmap.num_features), jnp.float32)
+  d = jnp.asarray(rng.uniform(0, 1, fmap.num_features), jnp.float32)
+  return sampler, sampler.set_parameters(state, c, d), fmap, c, d

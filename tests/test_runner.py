@@ -116,18 +116,8 @@ def test_step_loop_has_no_branch_loop_or_callback(problem, method, norms, functi
 
 
 def _fitted_state(n=1000, num_classes=4, seed=0, floor=0.05):
-  rng = np.random.default_rng(seed)
-  fmap = rj.default_features(rng.integers(0, num_classes, n), num_classes)
-  sampler = rj.rais_sampler(fmap, batch_size=64, floor=floor, pt_mode="sync")
-  config = sampler.config
-  state = bs.init(config)
-  idx = jnp.arange(n)
-  state = state.replace(features=fmap.update(
-      state.features, idx, jnp.asarray(rng.lognormal(0, 1, n), jnp.float32),
-      jnp.asarray(rng.uniform(size=n) < 0.8)))
-  c = jnp.asarray(rng.uniform(0, 1, fmap.num_features), jnp.float32)
-  d = jnp.asarray(rng.uniform(0, 1, fmap.num_features), jnp.float32)
-  return sampler, config, bs.set_parameters(config, state, c, d)
+  sampler, state, *_ = problems.fitted_sampler(n, 64, floor, seed, num_classes)
+  return sampler, sampler.config, state
 
 
 def test_block_draws_match_probabilities_chi_square():

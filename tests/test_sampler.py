@@ -10,21 +10,7 @@ from rais_jax import pt_solver
 from stats_helpers import pool, pooled_chisquare_pvalue
 
 
-def _fitted(n=1000, m=256, floor=0.05, seed=0, num_classes=4):
-  """A RAIS sampler whose state samples from random (c, d)."""
-  rng = np.random.default_rng(seed)
-  fmap = rj.default_features(rng.integers(0, num_classes, n), num_classes)
-  sampler = rj.rais_sampler(fmap, batch_size=m, floor=floor, pt_mode="sync")
-  state = sampler.init()
-  # Give examples distinct last norms so the distribution is far from uniform.
-  idx = jnp.arange(n)
-  state = state.replace(features=fmap.update(
-      state.features, idx, jnp.asarray(rng.lognormal(0, 1, n), jnp.float32),
-      jnp.asarray(rng.uniform(size=n) < 0.8)))
-  c = jnp.asarray(rng.uniform(0, 1, fmap.num_features), jnp.float32)
-  d = jnp.asarray(rng.uniform(0, 1, fmap.num_features), jnp.float32)
-  state = sampler.set_parameters(state, c, d)
-  return sampler, state, fmap, c, d
+_fitted = problems.fitted_sampler
 
 
 def _draw(sampler, state, batches, seed=0):
