@@ -78,10 +78,9 @@ def soak_train(args) -> None:
   clean = jax.tree.map(lambda a: a[~poisoned], data)
   model_fn, params = functional(MLP(32, [64], classes, rngs=nnx.Rngs(0)))
   head = rj.softmax_cross_entropy_head()
-  sampler = rj.rais_sampler(rj.default_features(labels, classes), batch_size=m,
-                            scale_free=True)
+  sampler = rj.rais_sampler(rj.default_features(labels, classes), batch_size=m)
   opt = rj.rais_sgd(0.05, momentum=0.9)
-  step = rj.make_train_step(model_fn, head, opt, sampler)
+  step = rj.make_train_step(model_fn, head, opt, sampler, norms="proxy")
   run = jax.jit(lambda s, k: jax.lax.scan(lambda c, kk: step(c, kk, data), s, k),
                 donate_argnums=0)
   evaluate = jax.jit(lambda p: rj.evaluate(model_fn, head, p, clean)["loss"])

@@ -51,10 +51,9 @@ def main(argv=None):
           "label": jnp.asarray(labels, jnp.int32)}
   model_fn, params = functional(MLP(args.in_features, args.hidden, 10, rngs=nnx.Rngs(0)))
   head = rj.softmax_cross_entropy_head()
-  rais = lambda mode, scale_free: rj.rais_sampler(
-      rj.default_features(labels, 10), batch_size=m, pt_mode=mode,
-      scale_free=scale_free)
-  probe = rj.make_runner(model_fn, head, rj.rais_sgd(0.01), rais("sync", True),
+  rais = lambda mode: rj.rais_sampler(
+      rj.default_features(labels, 10), batch_size=m, pt_mode=mode)
+  probe = rj.make_runner(model_fn, head, rj.rais_sgd(0.01), rais("sync"),
                          block_size=k)
   steps = probe.pt_period  # one (PT) period of the fast path
   keys = jax.random.split(jax.random.key(0), steps)
@@ -81,9 +80,9 @@ def main(argv=None):
 
   fast = {
       "fast: U-SGD": (rj.uniform_sampler(n, batch_size=m), None),
-      "fast: RAIS, exact (ghost) norms, async (PT)": (rais("async", False), "exact"),
-      "fast: RAIS, exact (ghost) norms, sync (PT)": (rais("sync", False), "exact"),
-      "fast: RAIS, proxy norms, async (PT)": (rais("async", True), "proxy"),
+      "fast: RAIS, exact (ghost) norms, async (PT)": (rais("async"), "exact"),
+      "fast: RAIS, exact (ghost) norms, sync (PT)": (rais("sync"), "exact"),
+      "fast: RAIS, proxy norms, async (PT)": (rais("async"), "proxy"),
   }
   for name, (sampler, norms) in fast.items():
     runner = rj.make_runner(model_fn, head, rj.rais_sgd(0.01, momentum=0.9),
@@ -100,7 +99,7 @@ def main(argv=None):
   if not args.no_per_step:
     per_step = {
         "per step: U-SGD (make_train_step)": (rj.uniform_sampler(n, batch_size=m), None),
-        "per step: RAIS, exact norms, async (PT)": (rais("async", False), "exact"),
+        "per step: RAIS, exact norms, async (PT)": (rais("async"), "exact"),
     }
     for name, (sampler, norms) in per_step.items():
       opt = rj.rais_sgd(0.01, momentum=0.9)

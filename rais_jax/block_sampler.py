@@ -59,7 +59,6 @@ class SamplerConfig:
   pt_max_iters: int = 1000
   ema_rate: float = 0.01
   r_max: Optional[float] = None
-  scale_free: bool = False
 
   @property
   def num_examples(self) -> int:

@@ -85,12 +85,10 @@ def schedule(config: CompareConfig, total_steps: int) -> optax.Schedule:
 def _sampler(method: str, labels: np.ndarray, classes: int,
              config: CompareConfig) -> rj.Sampler:
   n, m = len(labels), config.batch_size
-  scale_free = config.norms == "proxy"
   if method == "usgd":
     return rj.uniform_sampler(n, batch_size=m)
   if method == "rais":
-    return rj.rais_sampler(rj.default_features(labels, classes), batch_size=m,
-                           scale_free=scale_free)
+    return rj.rais_sampler(rj.default_features(labels, classes), batch_size=m)
   # The oracle's own steps measure exact norms (ghost): its r is exact.
   return rj.oracle_sampler(n, batch_size=m)
 

@@ -56,6 +56,7 @@ from rais_jax import gain_ratio as gain_ratio_lib
 from rais_jax import norms as norms_lib
 from rais_jax import records as records_lib
 from rais_jax import pt_service
+from rais_jax.transform import check_gain_ratio_consumed
 from rais_jax.sampler import Sampler
 from rais_jax.train import (LossHead, ModelFn, StepMetrics, all_exact_norms,
                             check_data, check_norms, measured_gradient)
@@ -96,7 +97,10 @@ class Runner:
                pt_device: Optional[jax.Device]):
     config = sampler.config
     k = block_size
-    self.config, self.block_size, self.optimizer = config, k, optimizer
+    # Any optax transformation may run U-SGD: give it the extra-args calling
+    # convention (RAIS and O-SGD check at trace time that r reaches it).
+    self.optimizer = optax.with_extra_args_support(optimizer)
+    self.config, self.block_size = config, k
     self.num_examples, self.batch_size = config.num_examples, config.batch_size
     self.pt_enabled = config.kind == "rais" and config.pt_period > 0
     blocks = lambda steps: max(1, math.ceil(steps / k))
@@ -139,7 +143,8 @@ class Runner:
     if cfg.kind == "uniform":
       return jnp.ones((), jnp.float32)
     return gain_ratio_lib.estimate(moments, cfg.batch_size, alpha=cfg.ema_rate,
-                                   r_max=cfg.r_max, scale_free=cfg.scale_free)
+                                   r_max=cfg.r_max,
+                                   scale_free=self._norms == "proxy")
 
   def _step(self, data: PyTree, carry, drawn: bs.Sample, *, guarded: bool):
     """One SGD step of the block's scan: no branch, no callback.
@@ -224,6 +229,8 @@ class Runner:
     """
     check_data(data, self.num_examples)
     cfg, k, m = self.config, self.block_size, self.batch_size
+    if cfg.measures:
+      check_gain_ratio_consumed(self.optimizer, state.params)
     norms_lib.check_loss_fn(
         lambda p, b: self._loss_head(self._model_fn(p, b), b), state.params,
         jax.tree.map(lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype),
@@ -376,7 +383,7 @@ class Runner:
 
 def make_runner(model_fn: ModelFn, loss_head: LossHead,
                 optimizer: optax.GradientTransformationExtraArgs,
-                sampler: Sampler, *, norms: Optional[str] = "proxy",
+                sampler: Sampler, *, norms: Optional[str] = "exact",
                 block_size: int = 32, exact_method: str = "ghost",
                 oracle_period: int = 1, oracle_chunk_size: Optional[int] = None,
                 batch_sharding: Optional[jax.sharding.Sharding] = None,
@@ -386,12 +393,16 @@ def make_runner(model_fn: ModelFn, loss_head: LossHead,
   Args:
     model_fn: ``(params, batch) -> outputs`` (e.g. logits).
     loss_head: ``(outputs, batch) -> (m,)`` per-example losses.
-    optimizer: an optax transformation taking the ``gain_ratio`` extra
-      argument, e.g. :func:`rais_jax.rais_sgd`.
+    optimizer: an optax transformation whose updates use the ``gain_ratio``
+      extra argument, e.g. :func:`rais_jax.rais_sgd`, or
+      ``optax.chain(optax.scale_by_adam(), rais_jax.scale_by_gain_ratio(lr))``;
+      one that ignores it (a stock ``optax.sgd`` or ``optax.adam``) is
+      refused at trace time for RAIS and O-SGD. U-SGD takes any optimizer.
     sampler: from :func:`rais_jax.rais_sampler`, :func:`uniform_sampler` or
       :func:`oracle_sampler` (the runner reads its configuration).
-    norms: ``"proxy"``, ``"exact"`` or None, as for
-      :func:`rais_jax.make_train_step`.
+    norms: ``"exact"`` (default; ghost norms, the exact gain ratio) or
+      ``"proxy"`` (the scale-free gain ratio), as for
+      :func:`rais_jax.make_train_step`; a uniform sampler measures nothing.
     block_size: K, steps per block: the sampler's work happens once per
       block. The (PT) period and delay and the oracle's refresh period are
       rounded up to multiples of K. Blocks longer than half the (PT) period
@@ -409,7 +420,7 @@ def make_runner(model_fn: ModelFn, loss_head: LossHead,
   Returns:
     A :class:`Runner`.
   """
-  check_norms(norms, exact_method, sampler.batch_size)
+  norms = check_norms(norms, exact_method, sampler)
   if block_size < 1:
     raise ValueError(f"block_size must be ≥ 1; got {block_size}.")
   if oracle_period < 1:

@@ -83,7 +83,8 @@ class Sampler(NamedTuple):
   * ``sample(state, key)`` → :class:`Sample` of m indices.
   * ``update(state, sample, norms, *, grad_sq_norm, grad_halves_inner=None)``
     → state after measuring the sampled examples' gradient norms.
-  * ``gain_ratio(state)`` → r ∈ [1, r_max].
+  * ``gain_ratio(state, *, scale_free=False)`` → r ∈ [1, r_max]
+    (``scale_free=True`` when the measured norms are proxies).
   * ``probabilities(state)`` → p over all n examples (O(n); for analysis).
   * ``set_parameters(state, c, d)`` → state sampling from the robust
     distribution of (c, d) (trees rebuilt, O(n)); e.g. to warm-start a run.
@@ -174,12 +175,11 @@ def _make_sampler(config: SamplerConfig) -> Sampler:
       state = jax.lax.cond(due, submit, lambda s: s, state)
     return state
 
-  def gain_ratio(state: SamplerState) -> chex.Array:
+  def gain_ratio(state: SamplerState, *, scale_free: bool = False) -> chex.Array:
     if config.kind == "uniform":
       return jnp.ones((), jnp.float32)
     return gain_ratio_lib.estimate(state.moments, m, alpha=config.ema_rate,
-                                   r_max=config.r_max,
-                                   scale_free=config.scale_free)
+                                   r_max=config.r_max, scale_free=scale_free)
 
   return Sampler(init=init, sample=sample, update=update, gain_ratio=gain_ratio,
                  probabilities=bind(bs.probabilities), set_parameters=set_parameters,
@@ -216,8 +216,7 @@ def rais_sampler(features: FeatureMap, *, batch_size: int,
                  pt_period: Optional[int] = None,
                  pt_delay: Optional[int] = None, pt_mode: str = "async",
                  pt_max_iters: int = 1000, ema_rate: float = 0.01,
-                 r_max: Optional[float] = None,
-                 scale_free: bool = False) -> Sampler:
+                 r_max: Optional[float] = None) -> Sampler:
   """Robust, approximate importance sampling (RAIS).
 
   Args:
@@ -233,8 +232,6 @@ def rais_sampler(features: FeatureMap, *, batch_size: int,
     pt_max_iters: iteration cap of each solve.
     ema_rate: α of the gain-ratio moving averages.
     r_max: upper clip of the gain ratio, default m.
-    scale_free: estimate the gain ratio from proxy norms (then ``update``
-      needs ``grad_halves_inner``).
 
   Returns:
     A :class:`Sampler`.
@@ -260,7 +257,7 @@ def rais_sampler(features: FeatureMap, *, batch_size: int,
       kind="rais", feature_map=features, batch_size=batch_size, floor=floor,
       buffer_size=buffer_size, pt_period=period, pt_delay=delay,
       pt_mode=pt_mode, pt_max_iters=pt_max_iters, ema_rate=ema_rate,
-      r_max=r_max, scale_free=scale_free))
+      r_max=r_max))
 
 
 def uniform_sampler(num_examples: int, *, batch_size: int) -> Sampler:
@@ -277,15 +274,13 @@ def uniform_sampler(num_examples: int, *, batch_size: int) -> Sampler:
 
 
 def oracle_sampler(num_examples: int, *, batch_size: int, floor: float = 1e-3,
-                   ema_rate: float = 0.01, r_max: Optional[float] = None,
-                   scale_free: bool = False) -> Sampler:
+                   ema_rate: float = 0.01, r_max: Optional[float] = None) -> Sampler:
   """O-SGD: p_i ∝ v_i (with the floor) from exact norms of all n examples.
 
   Sampling is uniform until the first ``refresh(state, norms)`` with the
   (n,) exact norms; call it again on whatever period you choose. Norms
   that go stale between refreshes make the importance weights of examples whose
   gradients grew very large (up to n/ε), so refresh often.
-  ``scale_free`` as for :func:`rais_sampler` (set it with proxy step norms).
   """
   _check_common(num_examples, batch_size, floor)
   oracle = FeatureMap(
@@ -295,7 +290,7 @@ def oracle_sampler(num_examples: int, *, batch_size: int, floor: float = 1e-3,
       update=lambda s, idx, norms, valid: s)
   return _make_sampler(SamplerConfig(
       kind="oracle", feature_map=oracle, batch_size=batch_size, floor=floor,
-      ema_rate=ema_rate, r_max=r_max, scale_free=scale_free))
+      ema_rate=ema_rate, r_max=r_max))
 
 
 def _constant_feature(n: int) -> FeatureMap:

@@ -36,6 +36,7 @@ import optax
 from flax import struct
 
 from rais_jax import norms as norms_lib
+from rais_jax import transform
 from rais_jax.sampler import Sampler, SamplerState
 
 PyTree = Any
@@ -130,17 +131,30 @@ def all_exact_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],
       data, chunk_size)
 
 
-def check_norms(norms: Optional[str], exact_method: str, batch_size: int) -> None:
-  """One clear error for a norm source the step cannot use."""
+def check_norms(norms: Optional[str], exact_method: str, sampler: Sampler
+                ) -> Optional[str]:
+  """The norm source the step will use, or one clear error.
+
+  U-SGD never reads the norms, so it measures none (whatever ``norms``
+  says); RAIS and O-SGD need them.
+  """
   if norms not in ("proxy", "exact", None):
-    raise ValueError(f"norms must be 'proxy', 'exact' or None; got {norms!r}.")
+    raise ValueError(f"norms must be 'exact', 'proxy' or None; got {norms!r}.")
   if exact_method not in norms_lib.METHODS:
     raise ValueError(f"exact_method must be one of {norms_lib.METHODS}; got "
                      f"{exact_method!r}.")
-  if norms == "proxy" and batch_size % 2:
+  if not sampler.config.measures:
+    return None
+  if norms is None:
+    raise ValueError(
+        f"norms=None with a {sampler.config.kind!r} sampler: it learns its "
+        "distribution and gain ratio from the measured per-example gradient "
+        "norms. Use norms='exact' (the default) or 'proxy'.")
+  if norms == "proxy" and sampler.batch_size % 2:
     raise ValueError(
         f"norms='proxy' splits each batch into two halves to estimate ‖∇F‖²; "
-        f"batch_size must be even, got {batch_size}.")
+        f"batch_size must be even, got {sampler.batch_size}.")
+  return norms
 
 
 def check_data(data: PyTree, num_examples: int) -> None:
@@ -186,7 +200,7 @@ def measured_gradient(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
 
 def make_train_step(model_fn: ModelFn, loss_head: LossHead,
                     optimizer: optax.GradientTransformationExtraArgs,
-                    sampler: Sampler, *, norms: Optional[str] = "proxy",
+                    sampler: Sampler, *, norms: Optional[str] = "exact",
                     oracle_period: Optional[int] = None,
                     oracle_chunk_size: Optional[int] = None,
                     exact_method: str = "ghost",
@@ -198,15 +212,19 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
   Args:
     model_fn: ``(params, batch) -> outputs`` (e.g. logits).
     loss_head: ``(outputs, batch) -> (m,)`` per-example losses.
-    optimizer: an optax transformation taking the ``gain_ratio`` extra
-      argument, e.g. :func:`rais_jax.rais_sgd`.
+    optimizer: an optax transformation whose updates use the ``gain_ratio``
+      extra argument, e.g. :func:`rais_jax.rais_sgd`, or
+      ``optax.chain(optax.scale_by_adam(), rais_jax.scale_by_gain_ratio(lr))``;
+      one that ignores it (a stock ``optax.sgd`` or ``optax.adam``) is
+      refused at trace time for RAIS and O-SGD. U-SGD takes any optimizer.
     sampler: from :func:`rais_jax.rais_sampler`, :func:`uniform_sampler` or
       :func:`oracle_sampler`.
-    norms: how u_k is measured: ``"proxy"`` (‖∂f_k/∂outputs_k‖, from the same
-      backward pass, split into two half-batches for the scale-free gain
-      ratio; m must be even), ``"exact"`` (the gradient and the exact norms
-      from :func:`rais_jax.value_grad_and_norms`: with ghost norms, one
-      backward pass), or None (no measurement, for U-SGD).
+    norms: how u_k is measured: ``"exact"`` (default: the gradient and the
+      exact norms from :func:`rais_jax.value_grad_and_norms`, with ghost
+      norms one backward pass; the gain ratio uses them directly),
+      ``"proxy"`` (‖∂f_k/∂outputs_k‖ from the same backward pass, split into
+      two half-batches for the scale-free gain ratio; m must be even). A
+      uniform sampler measures nothing (None is allowed only there).
     oracle_period: for an oracle sampler, refresh the exact norms of all n
       examples every this many steps (default 1: the true oracle; each
       refresh costs n per-example gradients).
@@ -225,7 +243,9 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
   Returns:
     The step function.
   """
-  check_norms(norms, exact_method, sampler.batch_size)
+  norms = check_norms(norms, exact_method, sampler)
+  optimizer = optax.with_extra_args_support(optimizer)
+  scale_free = norms == "proxy"
   if (batch_sharding is not None and len(batch_sharding.device_set) > 1
       and sampler.pt_mode == "async"):
     raise ValueError(
@@ -247,6 +267,8 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
   def step(state: TrainState, key: chex.PRNGKey, data: PyTree
            ) -> tuple[TrainState, StepMetrics]:
     check_data(data, sampler.num_examples)
+    if sampler.config.measures:
+      transform.check_gain_ratio_consumed(optimizer, state.params)
     if norms != "exact":  # value_grad_and_norms checks the loss itself
       norms_lib.check_loss_fn(loss_fn, state.params, jax.tree.map(
           lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), data))
@@ -267,7 +289,7 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
     grad_sq_norm = optax.tree.norm(grads, squared=True)
     # r comes from past steps only, so this step's noise does not set its own
     # learning rate.
-    r = sampler.gain_ratio(sampler_state)
+    r = sampler.gain_ratio(sampler_state, scale_free=scale_free)
     sampler_state = sampler.update(sampler_state, sample, u,
                                    grad_sq_norm=grad_sq_norm,
                                    grad_halves_inner=inner)

@@ -86,6 +86,50 @@ def rais_sgd(learning_rate: optax.ScalarOrSchedule, momentum: Optional[float] = 
       scale_by_gain_ratio(learning_rate))
 
 
+def _uses_input(jaxpr, index: int) -> bool:
+  """Whether any output of ``jaxpr`` depends on its input ``index``
+  (conservatively: an equation with a dependent input taints all outputs)."""
+  tainted = {jaxpr.invars[index]}
+  for eqn in jaxpr.eqns:
+    if any(not hasattr(v, "val") and v in tainted for v in eqn.invars):
+      tainted.update(eqn.outvars)
+  return any(not hasattr(v, "val") and v in tainted for v in jaxpr.outvars)
+
+
+def check_gain_ratio_consumed(optimizer: optax.GradientTransformation,
+                              params: optax.Params) -> None:
+  """Raises one clear error unless ``optimizer``'s updates depend on its
+  ``gain_ratio`` extra argument.
+
+  A stock ``optax.sgd`` or ``optax.adam`` accepts the argument and ignores
+  it: RAIS would then sample by importance but train at the plain learning
+  rate, silently. Works on abstract ``params`` (shapes only, e.g. tracers).
+  """
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)),
+                        params)
+
+  def updates(r, p):
+    return optimizer.update(p, optimizer.init(p), p, gain_ratio=r)[0]
+
+  fix = ("Use rais_jax.rais_sgd(schedule, momentum=...), or chain "
+         "rais_jax.scale_by_gain_ratio(schedule) after any optax transform, e.g. "
+         "optax.chain(optax.scale_by_adam(), rais_jax.scale_by_gain_ratio(schedule)) "
+         "for Adam.")
+  try:
+    jaxpr = jax.make_jaxpr(updates)(jax.ShapeDtypeStruct((), jnp.float32), shapes)
+  except TypeError as e:
+    if "gain_ratio" not in str(e):
+      raise
+    raise ValueError(
+        "The optimizer does not accept the gain_ratio extra argument (it is an "
+        f"optax.GradientTransformation without extra args). {fix}") from e
+  if not _uses_input(jaxpr.jaxpr, 0):
+    raise ValueError(
+        "The optimizer ignores the gain_ratio extra argument, so RAIS would "
+        "sample by importance but not raise the learning rate (no speed-up). "
+        f"{fix}")
+
+
 def equivalent_iterations(opt_state: optax.OptState) -> chex.Array:
   """τ stored by the (first) :func:`scale_by_gain_ratio` inside ``opt_state``."""
   taus = optax.tree_utils.tree_get_all_with_path(opt_state, "tau")

@@ -20,7 +20,7 @@ def _setup(n=N, classes=CLASSES, buffer_size=64, hidden=16):
           "label": jnp.asarray(labels, jnp.int32)}
   model_fn, params = functional(MLP(6, [hidden], classes, rngs=nnx.Rngs(0)))
   sampler = rj.rais_sampler(rj.default_features(labels, classes), batch_size=M,
-                            buffer_size=buffer_size, scale_free=True)
+                            buffer_size=buffer_size)
   opt = rj.rais_sgd(0.05, momentum=0.9)
   step = rj.make_train_step(model_fn, rj.softmax_cross_entropy_head(), opt, sampler)
   run = jax.jit(lambda s, k: jax.lax.scan(lambda c, kk: step(c, kk, data), s, k)[0])

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent('''
 
     def build(norms, sharding):
       sampler = rj.rais_sampler(rj.default_features(labels, K), batch_size=m,
-                                buffer_size=64, scale_free=norms == "proxy",
+                                buffer_size=64,
                                 pt_mode="sync")
       opt = rj.rais_sgd(0.05, momentum=0.9)
       step = rj.make_train_step(model_fn, rj.softmax_cross_entropy_head(), opt,

@@ -46,7 +46,7 @@ WORKER = textwrap.dedent('''
     results = {}
     for norms in ("proxy", "exact"):
       sampler = rj.rais_sampler(rj.default_features(labels, K), batch_size=m,
-                                buffer_size=64, scale_free=norms == "proxy",
+                                buffer_size=64,
                                 pt_mode="sync")
       opt = rj.rais_sgd(0.05, momentum=0.9)
       step = rj.make_train_step(model_fn, rj.softmax_cross_entropy_head(), opt,

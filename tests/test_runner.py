@@ -1,11 +1,13 @@
 """The fast path (rais_jax.runner): a branch-free step, block sampling, (PT)
 handed off between blocks, faults and checkpoints."""
 
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import problems
@@ -28,9 +30,9 @@ def _sampler(method, labels, mode="async", norms="proxy"):
   if method == "usgd":
     return rj.uniform_sampler(N, batch_size=M)
   if method == "osgd":
-    return rj.oracle_sampler(N, batch_size=M, scale_free=True)
+    return rj.oracle_sampler(N, batch_size=M)
   return rj.rais_sampler(rj.default_features(labels, CLASSES), batch_size=M,
-                         buffer_size=128, pt_mode=mode, scale_free=norms == "proxy")
+                         buffer_size=128, pt_mode=mode)
 
 
 def _runner(problem, method="rais", *, mode="async", norms="proxy", block_size=K):
@@ -281,10 +283,28 @@ def test_run_validates_its_arguments(problem):
     _runner(problem, block_size=0)
   with pytest.warns(UserWarning, match="half the"):
     _runner(problem, block_size=2 * K)  # the (PT) period is 8 steps
+  odd = rj.rais_sampler(rj.default_features(problem[3], CLASSES), batch_size=5)
+  make = functools.partial(rj.make_runner, problem[1], rj.softmax_cross_entropy_head())
   with pytest.raises(ValueError, match="even"):
-    rj.make_runner(problem[1], rj.softmax_cross_entropy_head(), rj.rais_sgd(0.1),
-                   rj.rais_sampler(rj.default_features(problem[3], CLASSES),
-                                   batch_size=5), block_size=4)
+    make(rj.rais_sgd(0.1), odd, norms="proxy", block_size=4)
+  with pytest.raises(ValueError, match="norms=None with a 'rais' sampler"):
+    make(rj.rais_sgd(0.1), odd, norms=None, block_size=4)
+
+
+@pytest.mark.parametrize("optimizer", [optax.sgd(0.1, momentum=0.9), optax.adam(1e-3),
+                                       optax.scale(-0.1)])  # the last: no extra args
+def test_an_optimizer_that_ignores_the_gain_ratio_is_refused(problem, optimizer):
+  """A stock optax optimizer would silently train RAIS at the plain rate."""
+  data, model_fn, params, labels = problem
+  rais = rj.rais_sampler(rj.default_features(labels, CLASSES), batch_size=M)
+  runner = rj.make_runner(model_fn, rj.softmax_cross_entropy_head(), optimizer, rais,
+                          block_size=K)
+  with pytest.raises(ValueError, match="ignores the gain_ratio.*scale_by_gain_ratio"):
+    runner.run(runner.init(params), jax.random.key(0), data, K)
+  # U-SGD takes any optimizer: its gain ratio is 1.
+  usgd = rj.make_runner(model_fn, rj.softmax_cross_entropy_head(), optimizer,
+                        rj.uniform_sampler(N, batch_size=M), block_size=K)
+  usgd.run(usgd.init(params), jax.random.key(0), data, K)
 
 
 # -- faults -----------------------------------------------------------------

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -19,9 +20,9 @@ def _sampler(method, labels, mode="async"):
   if method == "usgd":
     return rj.uniform_sampler(N, batch_size=M)
   if method == "osgd":
-    return rj.oracle_sampler(N, batch_size=M, scale_free=True)
+    return rj.oracle_sampler(N, batch_size=M)
   return rj.rais_sampler(rj.default_features(labels, CLASSES), batch_size=M,
-                         buffer_size=96, pt_mode=mode, scale_free=True)
+                         buffer_size=96, pt_mode=mode)
 
 
 def _run(problem, method, steps, *, mode="async", state=None, start=0, norms="proxy",
@@ -98,12 +99,19 @@ def test_orbax_resume_is_bit_identical(problem, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed, full)
 
 
-def test_proxy_requires_even_batch(problem):
+def test_refuses_what_would_silently_give_no_boost(problem):
   data, model_fn, params, labels = problem
-  sampler = rj.rais_sampler(rj.default_features(labels, CLASSES), batch_size=5)
+  make = lambda opt, sampler, **kw: rj.make_train_step(
+      model_fn, rj.softmax_cross_entropy_head(), opt, sampler, **kw)
+  odd = rj.rais_sampler(rj.default_features(labels, CLASSES), batch_size=5)
   with pytest.raises(ValueError, match="even"):
-    rj.make_train_step(model_fn, rj.softmax_cross_entropy_head(),
-                       rj.rais_sgd(0.1), sampler)
+    make(rj.rais_sgd(0.1), odd, norms="proxy")
+  with pytest.raises(ValueError, match="norms=None with a 'oracle' sampler"):
+    make(rj.rais_sgd(0.1), _sampler("osgd", labels), norms=None)
+  sampler = _sampler("rais", labels)
+  step = make(optax.adam(1e-3), sampler)
+  with pytest.raises(ValueError, match="ignores the gain_ratio.*scale_by_gain_ratio"):
+    step(rj.init_train_state(params, optax.adam(1e-3), sampler), jax.random.key(0), data)
 
 
 def test_state_is_donatable(problem):
@@ -178,7 +186,8 @@ def test_step_validates_data_and_loss(problem):
   with pytest.raises(ValueError, match="same leading"):
     step(state, key, {**data, "label": data["label"][:-1]})
   mean_head = lambda out, batch: rj.softmax_cross_entropy_head()(out, batch).mean()
-  for norms in ("proxy", "exact", None):
-    bad = rj.make_train_step(model_fn, mean_head, opt, sampler, norms=norms)
+  usgd = _sampler("usgd", labels)
+  for norms, s in (("proxy", sampler), ("exact", sampler), (None, usgd)):
+    bad = rj.make_train_step(model_fn, mean_head, opt, s, norms=norms)
     with pytest.raises(ValueError, match="per-example losses of shape"):
-      bad(state, key, data)
+      bad(rj.init_train_state(params, opt, s), key, data)

@@ -7,6 +7,7 @@ import pytest
 
 from rais_jax import (epochs_equivalent, equivalent_iterations, rais_sgd,
                       scale_by_gain_ratio)
+from rais_jax.transform import check_gain_ratio_consumed
 
 PARAMS = {"w": jnp.ones((3,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
 GRADS = {"w": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array(1.0)}
@@ -83,3 +84,36 @@ def test_scan_over_steps():
 def test_missing_state_error():
   with pytest.raises(ValueError, match="tau"):
     equivalent_iterations(optax.sgd(0.1).init(PARAMS))
+
+
+def test_adamw_recipe_takes_the_gain_ratio():
+  """AdamW for RAIS: Adam's direction, decoupled weight decay, then the
+  r-scaled, τ-indexed learning rate (README "Any optax optimizer")."""
+  schedule = optax.cosine_decay_schedule(1e-2, 100)
+  opt = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(1e-4),
+                    scale_by_gain_ratio(schedule))
+  ref = optax.adamw(schedule, weight_decay=1e-4)
+  check_gain_ratio_consumed(opt, PARAMS)
+  s, s_ref = opt.init(PARAMS), ref.init(PARAMS)
+  u, s = opt.update(GRADS, s, PARAMS)  # r = 1: AdamW itself
+  u_ref, s_ref = ref.update(GRADS, s_ref, PARAMS)
+  chex.assert_trees_all_close(u, u_ref, rtol=1e-6)
+  u2, s2 = opt.update(GRADS, s, PARAMS, gain_ratio=2.5)
+  u2_ref, _ = ref.update(GRADS, s_ref, PARAMS)
+  # Scaled by r, with the schedule read at τ = 1 (both at step 1 here).
+  chex.assert_trees_all_close(u2, jax.tree.map(lambda x: 2.5 * x, u2_ref), rtol=1e-6)
+  np.testing.assert_allclose(equivalent_iterations(s2), 3.5)
+
+
+@pytest.mark.parametrize("opt, consumed", [
+    (optax.sgd(0.1, momentum=0.9), False),
+    (optax.adamw(1e-3), False),
+    (optax.chain(scale_by_gain_ratio(0.1), optax.trace(0.9)), True),
+    (optax.inject_hyperparams(rais_sgd)(learning_rate=0.1), True),
+])
+def test_check_gain_ratio_consumed(opt, consumed):
+  if consumed:
+    check_gain_ratio_consumed(opt, PARAMS)
+  else:
+    with pytest.raises(ValueError, match="ignores the gain_ratio.*rais_sgd.*Adam"):
+      check_gain_ratio_consumed(opt, PARAMS)
