@@ -6,7 +6,7 @@ The same as ``rais-jax compare --dataset mnist1d --out runs/mnist1d``: an MLP
 40-256-256-10 trained for 30 epochs with each method and seeds 0, 1, 2 (MNIST-1D
 is generated in memory, never downloaded). It writes
 ``runs/mnist1d/results.json`` (curves and the time-to-target summary) and the
-plots (``loss_vs_wall_clock.png``, ``loss_vs_epochs_equivalent.png``,
+plots (``loss_vs_epochs.png``, ``loss_vs_wall_clock.png``, ``loss_vs_epochs_equivalent.png``,
 ``test_accuracy.png``, ``gain_ratio.png``, ``learned_c_d.png``).
 """
 

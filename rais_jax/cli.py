@@ -48,11 +48,15 @@ def parser() -> argparse.ArgumentParser:
                  help="base learning rate (RAIS scales it by r)")
   c.add_argument("--lr-schedule", choices=compare.SCHEDULES,
                  default=_DEFAULTS.lr_schedule,
-                 help="decay over the run's steps; RAIS indexes it by τ")
+                 help="decay over the run's steps; RAIS and O-SGD index it by τ "
+                 "and stop when it is spent")
   c.add_argument("--momentum", type=float, default=_DEFAULTS.momentum)
-  c.add_argument("--norms", choices=["proxy", "exact"], default=_DEFAULTS.norms,
-                 help="RAIS's per-example gradient norms: the softmax-logit "
-                 "proxy or exact ghost norms")
+  c.add_argument("--norms", choices=["exact", "proxy"], default=_DEFAULTS.norms,
+                 help="RAIS's per-example gradient norms: exact ghost norms "
+                 "(default: the exact gain ratio) or the softmax-logit proxy "
+                 "(scale-free gain ratio)")
+  c.add_argument("--r-max", type=float, default=_DEFAULTS.r_max,
+                 help="upper clip of the gain ratio (default: the batch size)")
   c.add_argument("--oracle-period", type=int, default=_DEFAULTS.oracle_period,
                  help="O-SGD recomputes all n exact norms every this many steps")
   c.add_argument("--block-size", type=int, default=_DEFAULTS.block_size,
@@ -78,7 +82,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
       dataset=args.dataset, model=args.model, methods=args.methods,
       epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
       lr=args.lr, lr_schedule=args.lr_schedule, momentum=args.momentum,
-      norms=args.norms, oracle_period=args.oracle_period,
+      norms=args.norms, oracle_period=args.oracle_period, r_max=args.r_max,
       block_size=args.block_size,
       hidden=tuple(args.hidden), num_samples=args.num_samples,
       data_dir=args.data_dir)

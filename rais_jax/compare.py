@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import statistics
+import subprocess
 import time
 from typing import Any, Optional, Sequence
 
@@ -45,8 +47,9 @@ class CompareConfig:
   lr: float = 0.05
   lr_schedule: str = "cosine"
   momentum: float = 0.9
-  norms: str = "proxy"  # how RAIS measures u_k: "proxy" or "exact"
+  norms: str = "exact"  # how RAIS measures u_k: "exact" (ghost) or "proxy"
   oracle_period: int = 10  # O-SGD refreshes all n exact norms every k steps
+  r_max: Optional[float] = None  # upper clip of RAIS's and O-SGD's gain ratio (default m)
   # K of the fast path: the largest divisor of the steps per epoch up to this
   # (RAIS: also up to half its (PT) period; O-SGD: up to the oracle period,
   # so that it refreshes on schedule).
@@ -70,6 +73,8 @@ class CompareConfig:
         raise ValueError(f"{name} must be ≥ 1; got {getattr(self, name)}.")
     if not self.seeds:
       raise ValueError("seeds must not be empty.")
+    if self.r_max is not None and self.r_max < 1:
+      raise ValueError(f"r_max must be ≥ 1; got {self.r_max}.")
     if self.lr <= 0:
       raise ValueError(f"lr must be > 0; got {self.lr}.")
 
@@ -88,9 +93,10 @@ def _sampler(method: str, labels: np.ndarray, classes: int,
   if method == "usgd":
     return rj.uniform_sampler(n, batch_size=m)
   if method == "rais":
-    return rj.rais_sampler(rj.default_features(labels, classes), batch_size=m)
+    return rj.rais_sampler(rj.default_features(labels, classes), batch_size=m,
+                           r_max=config.r_max)
   # The oracle's own steps measure exact norms (ghost): its r is exact.
-  return rj.oracle_sampler(n, batch_size=m)
+  return rj.oracle_sampler(n, batch_size=m, r_max=config.r_max)
 
 
 def _norms(method: str, config: CompareConfig) -> Optional[str]:
@@ -150,7 +156,28 @@ class _Runner:
         "skipped_steps": int(state.skipped_steps),
     }
 
+  def _epoch(self, state, key, gain: float, budget: int):
+    """One epoch of steps; RAIS and O-SGD stop inside it once τ reaches the
+    budget (checked block by block only near the end, where it can)."""
+    if self.method == "usgd" or budget - self._tau(state) > 2 * max(gain, 1.0):
+      return self.runner.run(state, key, self.train, self.steps_per_epoch)
+    k, metrics = self.runner.block_size, []
+    for _ in range(self.steps_per_epoch // k):
+      state, m = self.runner.run(state, key, self.train, k)
+      metrics.append(m)
+      if self._tau(state) >= budget:
+        break
+    return state, jax.tree.map(lambda *x: jnp.concatenate(x), *metrics)
+
+  @staticmethod
+  def _tau(state) -> float:
+    return float(rj.equivalent_iterations(state.opt_state))
+
   def run(self, params, seed: int, epochs: int) -> dict:
+    """Trains one seed. U-SGD runs ``epochs`` epochs; RAIS and O-SGD run
+    until their schedule's budget of ``epochs`` epochs *equivalent* is spent
+    (τ = U-SGD's number of steps; no steps at the schedule's final rate
+    after it), or ``epochs`` real epochs, whichever comes first."""
     key = jax.random.key(seed)
     if not self.compiled:
       # Compile before the clock starts: every program of the run (the
@@ -162,22 +189,29 @@ class _Runner:
                                             self.train, self.steps_per_epoch))
       self.runner.close()
       self.compiled = True
+    budget = epochs * self.steps_per_epoch
     state = self.runner.init(params)
-    curve, wall = [self.point(state, 0, 0.0, 1.0)], 0.0
+    curve, wall, gain, schedule_end = [self.point(state, 0, 0.0, 1.0)], 0.0, 0.0, None
     bar = tqdm(range(1, epochs + 1), desc=f"{self.method} seed {seed}",
-               leave=False)
-    for epoch in bar:
+               leave=False, disable=None)
+    for _ in bar:
       start = time.perf_counter()
-      state, metrics = self.runner.run(state, key, self.train,
-                                       self.steps_per_epoch)
+      tau = self._tau(state)
+      state, metrics = self._epoch(state, key, gain, budget)
       jax.block_until_ready(state)
       wall += time.perf_counter() - start
+      gain = self._tau(state) - tau
+      epoch = int(state.step) / self.steps_per_epoch
       curve.append(self.point(state, epoch, wall,
                               float(jnp.mean(metrics.gain_ratio))))
       bar.set_postfix(loss=f"{curve[-1]['train_loss']:.4f}",
                       r=f"{curve[-1]['gain_ratio']:.2f}")
+      if self.method != "usgd" and self._tau(state) >= budget:
+        schedule_end = epoch
+        break
     self.runner.close()
-    run = {"curve": curve, "block_size": self.block_size}
+    run = {"seed": seed, "curve": curve, "block_size": self.block_size,
+           "schedule_end_epoch": schedule_end}
     if self.method == "rais":
       run["c"] = np.asarray(state.sampler.c).tolist()
       run["d"] = np.asarray(state.sampler.d).tolist()
@@ -205,15 +239,26 @@ def _stats(values: Sequence[Optional[float]], *, reached: bool = True) -> dict:
   return out
 
 
+def _at(curve: Sequence[dict], key: str, limit: float) -> dict:
+  """The last point of ``curve`` whose ``key`` ≤ limit (the first if none)."""
+  points = [p for p in curve if p[key] <= limit + 1e-9]
+  return points[-1] if points else curve[0]
+
+
 def summarise(runs: dict[str, dict[str, dict]]) -> dict:
   """Per method, when it first reaches U-SGD's final training loss (per seed)
-  and the speed-ups vs U-SGD: median, min and max over seeds."""
+  and the speed-ups vs U-SGD, the real epochs it ran, and training loss and
+  test accuracy at equal wall-clock (the method given U-SGD's total training
+  time) and at equal epochs (U-SGD at the method's last epoch): median, min
+  and max over seeds."""
   if "usgd" not in runs:
     return {"note": "no U-SGD runs: nothing to compare against."}
   seeds = list(runs["usgd"])
-  targets = {s: runs["usgd"][s]["curve"][-1]["train_loss"] for s in seeds}
+  usgd_final = {s: runs["usgd"][s]["curve"][-1] for s in seeds}
+  targets = {s: usgd_final[s]["train_loss"] for s in seeds}
   summary = {"target": "U-SGD's final training loss, per seed",
-             "targets": targets, "methods": {}}
+             "seeds": [int(s) for s in seeds],
+             "targets": [targets[s] for s in seeds], "methods": {}}
   base = {key: {s: time_to_target(runs["usgd"][s]["curve"], targets[s], key)
                 for s in seeds} for key in ("wall_clock_s", "epoch")}
   for method, by_seed in runs.items():
@@ -225,13 +270,37 @@ def summarise(runs: dict[str, dict[str, dict]]) -> dict:
                  for s, r in zip(seeds, reach)]
       entry[key] = _stats(reach)
       entry[f"speedup_{key}"] = _stats(speedup)
-    final = [by_seed[s]["curve"][-1] for s in seeds if s in by_seed]
+    ran = [s for s in seeds if s in by_seed]
+    final = [by_seed[s]["curve"][-1] for s in ran]
+    entry["epochs_run"] = _stats([p["epoch"] for p in final], reached=False)
     entry["final_train_loss"] = _stats([p["train_loss"] for p in final],
                                        reached=False)
     entry["final_test_accuracy"] = _stats([p["test_accuracy"] for p in final],
                                           reached=False)
+    equal_wall = [_at(by_seed[s]["curve"], "wall_clock_s",
+                      usgd_final[s]["wall_clock_s"]) for s in ran]
+    # U-SGD at this method's last epoch (rounded up: U-SGD evaluates whole epochs).
+    usgd_equal = [_at(runs["usgd"][s]["curve"], "epoch", math.ceil(p["epoch"] - 1e-9))
+                  for s, p in zip(ran, final)]
+    for name, points in (("at_usgd_wall_clock", equal_wall),
+                         ("usgd_at_equal_epochs", usgd_equal)):
+      entry[name] = {key: _stats([p[key] for p in points], reached=False)
+                     for key in ("train_loss", "test_accuracy")}
     summary["methods"][method] = entry
   return summary
+
+
+def environment() -> dict:
+  """Versions, backend and the rais-jax git commit (None outside a checkout)."""
+  try:
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=pathlib.Path(__file__).parent,
+        capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    commit = None
+  return {"rais_jax": rj.__version__, "git_commit": commit, "jax": jax.__version__,
+          "optax": optax.__version__, "backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()]}
 
 
 def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
@@ -260,7 +329,7 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
       last = run["curve"][-1]
       print(f"{method:5s} seed {seed}: train loss {last['train_loss']:.4f}, "
             f"test acc {last['test_accuracy']:.4f}, wall {last['wall_clock_s']:.1f}"
-            f" s, epochs equivalent {last['epochs_equivalent']:.1f}, r "
+            f" s, epochs {last['epoch']:.2f}, epochs equivalent {last['epochs_equivalent']:.1f}, r "
             f"{last['gain_ratio']:.2f}, (PT) solves {last['pt_solves']} "
             f"(failed {last['pt_failures']}), non-finite norms "
             f"{last['nonfinite_norms']}, skipped steps {last['skipped_steps']}",
@@ -269,8 +338,7 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
              "dataset": {"n_train": int(len(raw["y_train"])),
                          "n_test": int(len(raw["y_test"])),
                          "input_shape": list(input_shape), "classes": classes},
-             "environment": {"jax": jax.__version__,
-                             "backend": jax.default_backend()},
+             "environment": environment(),
              "runs": runs, "summary": summarise(runs)}
   if out is not None:
     out = pathlib.Path(out)
@@ -296,15 +364,19 @@ def format_summary(summary: dict) -> str:
     return summary.get("note", "")
   fmt = format_stats
   lines = ["target: U-SGD's final training loss per seed; median [min, max] "
-           "over seeds",
-           f"{'method':6s} {'reached':>7s} {'epochs to target':>22s} "
-           f"{'wall-clock to target (s)':>26s} {'speed-up (epochs)':>22s} "
-           f"{'speed-up (wall-clock)':>22s} {'final test acc':>22s}"]
+           "over seeds; RAIS and O-SGD stop when their schedule's budget (epochs "
+           "equivalent) is spent",
+           f"{'method':6s} {'reached':>7s} {'epochs to target':>18s} "
+           f"{'wall-clock to target (s)':>26s} {'speed-up (epochs)':>20s} "
+           f"{'speed-up (wall-clock)':>22s} {'epochs run':>20s} "
+           f"{'final test acc':>22s} {'U-SGD acc, same epochs':>24s}"]
   for method, e in summary["methods"].items():
     lines.append(
-        f"{method:6s} {e['epoch']['reached']:>7s} {fmt(e['epoch'], '.0f'):>22s} "
+        f"{method:6s} {e['epoch']['reached']:>7s} {fmt(e['epoch'], '.1f'):>18s} "
         f"{fmt(e['wall_clock_s'], '.2f'):>26s} "
-        f"{fmt(e['speedup_epoch'], '.2f'):>22s} "
+        f"{fmt(e['speedup_epoch'], '.2f'):>20s} "
         f"{fmt(e['speedup_wall_clock_s'], '.2f'):>22s} "
-        f"{fmt(e['final_test_accuracy'], '.3f'):>22s}")
+        f"{fmt(e['epochs_run'], '.1f'):>20s} "
+        f"{fmt(e['final_test_accuracy'], '.3f'):>22s} "
+        f"{fmt(e['usgd_at_equal_epochs']['test_accuracy'], '.3f'):>24s}")
   return "\n".join(lines)

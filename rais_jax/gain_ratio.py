@@ -84,6 +84,31 @@ def update(state: GainRatioState, norms: chex.Array, probs: chex.Array,
                         skipped=state.skipped + (~finite).astype(jnp.int32))
 
 
+class ExactGainRatio(NamedTuple):
+  """The true gain ratio at given parameters and distribution, and its parts."""
+
+  ratio: chex.Array  # r = E‖g_U‖² / E‖g_R‖²
+  uniform_moment: chex.Array  # E‖g_U1‖² = (1/n) Σ v_i²
+  robust_moment: chex.Array  # E‖g_R1‖² = (1/n²) Σ v_i² / p_i
+  full_grad_sq_norm: chex.Array  # ‖∇F‖²
+
+
+def exact(norms: chex.Array, probs: chex.Array, full_grad_sq_norm: chex.Array,
+          batch_size: int) -> ExactGainRatio:
+  """r from the exact norms v of all n examples, their p and ‖∇F‖².
+
+  E‖g‖² = ‖∇F‖² + (E‖g_1‖² − ‖∇F‖²)/m for a mean of m i.i.d. single-sample
+  estimates, so r = E‖g_U‖²/E‖g_R‖² follows from the two single-sample
+  moments. O(n): for measuring the estimator, not for training.
+  """
+  n = norms.shape[0]
+  uniform = jnp.mean(norms**2)
+  robust = jnp.mean(norms**2 / (n * probs))
+  g2 = full_grad_sq_norm
+  mean_sq = lambda single: g2 + (single - g2) / batch_size
+  return ExactGainRatio(mean_sq(uniform) / mean_sq(robust), uniform, robust, g2)
+
+
 def estimate(state: GainRatioState, batch_size: int, *, alpha: float = 0.01,
              r_max: Optional[float] = None,
              scale_free: bool = False) -> chex.Array:

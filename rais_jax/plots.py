@@ -26,12 +26,32 @@ def _curves(ax, results: dict, x: str, y: str, *, log: bool = False) -> None:
   ax.legend()
 
 
+def _targets_and_schedule_ends(ax, results: dict, x: str) -> None:
+  """U-SGD's final loss per seed (the target, dashed) and a marker where a
+  method's schedule budget ran out."""
+  for i, target in enumerate(results["summary"].get("targets", [])):
+    ax.axhline(target, color="tab:blue", ls="--", lw=0.8, alpha=0.6,
+               label="target: U-SGD's final loss" if i == 0 else None)
+  first = True
+  for method, by_seed in results["runs"].items():
+    for run in by_seed.values():
+      if run.get("schedule_end_epoch") is not None:
+        end = run["curve"][-1]
+        ax.plot(end[x], end["train_loss"], marker="x", ms=7,
+                color=_COLOURS.get(method), ls="none",
+                label="schedule budget spent" if first else None)
+        first = False
+  ax.legend()
+
+
 def plot_compare(results: dict, out: str | pathlib.Path) -> list[pathlib.Path]:
   """Writes the comparison plots to ``out``; returns their paths."""
   out = pathlib.Path(out)
   cfg = results["config"]
   title = f"{cfg['dataset']}, {cfg['model']}, m = {cfg['batch_size']}"
   specs = [
+      ("loss_vs_epochs.png", "epoch", "train_loss", "epoch (real passes over the data)",
+       "training loss (full set)", True),
       ("loss_vs_wall_clock.png", "wall_clock_s", "train_loss",
        "wall-clock training time (s)", "training loss (full set)", True),
       ("loss_vs_epochs_equivalent.png", "epochs_equivalent", "train_loss",
@@ -45,6 +65,8 @@ def plot_compare(results: dict, out: str | pathlib.Path) -> list[pathlib.Path]:
   for name, x, y, xlabel, ylabel, log in specs:
     fig, ax = plt.subplots(figsize=(6, 4))
     _curves(ax, results, x, y, log=log)
+    if y == "train_loss" and x != "epochs_equivalent":
+      _targets_and_schedule_ends(ax, results, x)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     fig.tight_layout()
     fig.savefig(out / name, dpi=110)

@@ -59,7 +59,8 @@ from rais_jax import pt_service
 from rais_jax.transform import check_gain_ratio_consumed
 from rais_jax.sampler import Sampler
 from rais_jax.train import (LossHead, ModelFn, StepMetrics, all_exact_norms,
-                            check_data, check_norms, measured_gradient)
+                            check_data, check_norms, full_gradient,
+                            measured_gradient)
 
 PyTree = Any
 
@@ -145,6 +146,19 @@ class Runner:
     return gain_ratio_lib.estimate(moments, cfg.batch_size, alpha=cfg.ema_rate,
                                    r_max=cfg.r_max,
                                    scale_free=self._norms == "proxy")
+
+  def exact_gain_ratio(self, state: RunnerState, data: PyTree, *,
+                       chunk_size: int = 1024) -> gain_ratio_lib.ExactGainRatio:
+    """The true gain ratio at ``state``'s parameters and sampling
+    distribution: exact norms of all n examples and the full gradient (two
+    passes over the data; for analysis, e.g. against :meth:`gain_ratio`)."""
+    loss_fn = lambda p, b: self._loss_head(self._model_fn(p, b), b)
+    norms = all_exact_norms(loss_fn, state.params, data, chunk_size=chunk_size,
+                            method=self._exact_method)
+    grads = full_gradient(loss_fn, state.params, data, chunk_size=chunk_size)
+    probs = bs.probabilities(self.config, state.sampler)
+    return gain_ratio_lib.exact(norms, probs, optax.tree.norm(grads, squared=True),
+                                self.batch_size)
 
   def _step(self, data: PyTree, carry, drawn: bs.Sample, *, guarded: bool):
     """One SGD step of the block's scan: no branch, no callback.

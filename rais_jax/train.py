@@ -131,6 +131,26 @@ def all_exact_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],
       data, chunk_size)
 
 
+def full_gradient(loss_fn: Callable[[PyTree, PyTree], chex.Array], params: PyTree,
+                  data: PyTree, *, chunk_size: int) -> PyTree:
+  """∇F = (1/n) Σ_i ∇f_i over all n examples of ``data``, in chunks."""
+  n = norms_lib.batch_size_of(data)
+  chunk_size = min(chunk_size, n)
+  chunks = -(-n // chunk_size)
+  index = jnp.arange(chunks * chunk_size)
+  weights = (index < n).reshape(chunks, chunk_size) / n  # padding weighs 0
+  batches = jax.tree.map(
+      lambda x: x[index % n].reshape((chunks, chunk_size) + x.shape[1:]), data)
+
+  def add_chunk(total, chunk):
+    batch, w = chunk
+    grads = jax.grad(lambda p: jnp.sum(w * loss_fn(p, batch)))(params)
+    return jax.tree.map(jnp.add, total, grads), None
+
+  return jax.lax.scan(add_chunk, jax.tree.map(jnp.zeros_like, params),
+                      (batches, weights))[0]
+
+
 def check_norms(norms: Optional[str], exact_method: str, sampler: Sampler
                 ) -> Optional[str]:
   """The norm source the step will use, or one clear error.

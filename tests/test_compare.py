@@ -8,7 +8,7 @@ from rais_jax import cli, compare
 POINT_KEYS = {"epoch", "epochs_equivalent", "wall_clock_s", "train_loss", "test_loss",
               "test_accuracy", "gain_ratio", "pt_solves", "pt_failures",
               "nonfinite_norms", "skipped_steps"}
-PLOTS = ["loss_vs_wall_clock.png", "loss_vs_epochs_equivalent.png", "test_accuracy.png",
+PLOTS = ["loss_vs_epochs.png", "loss_vs_wall_clock.png", "loss_vs_epochs_equivalent.png", "test_accuracy.png",
          "gain_ratio.png", "learned_c_d.png"]
 
 
@@ -38,7 +38,7 @@ def test_summary_speedups_median_and_spread():
                "1": {"curve": _curve([2, 0.25, 0.2, 0.1], 1.0)}},
   }
   s = compare.summarise(runs)
-  assert s["targets"] == {"0": 0.4, "1": 0.3}
+  assert s["seeds"] == [0, 1] and s["targets"] == [0.4, 0.3]
   rais = s["methods"]["rais"]
   assert rais["epoch"]["per_seed"] == [2, 1]
   assert rais["speedup_epoch"]["per_seed"] == [1.5, 3.0]
@@ -48,7 +48,24 @@ def test_summary_speedups_median_and_spread():
   osgd = s["methods"]["osgd"]
   assert osgd["epoch"]["reached"] == "1/2" and osgd["speedup_epoch"]["per_seed"] == [None, 3.0]
   assert s["methods"]["usgd"]["speedup_epoch"]["median"] == 1.0
-  assert "note" in compare.summarise({"rais": runs["rais"]})
+  # Given U-SGD's 3 s: seed 0 (1 s/epoch) ends at 0.2, seed 1 (2 s/epoch) has
+  # only reached epoch 1 (0.3).
+  assert rais["at_usgd_wall_clock"]["train_loss"]["per_seed"] == [0.2, 0.3]
+  assert rais["usgd_at_equal_epochs"]["train_loss"]["per_seed"] == [0.4, 0.3]
+
+
+def test_summary_of_a_method_that_stops_early():
+  """RAIS stops when its schedule's budget is spent, mid-epoch: its epochs run
+  are fractional, and U-SGD is compared at the next whole epoch."""
+  usgd = {"0": {"curve": _curve([2, 1, 0.5, 0.4], 1.0)}}
+  curve = _curve([2, 0.6, 0.38], 1.0)
+  curve[-1]["epoch"] = 1.6
+  s = compare.summarise({"usgd": usgd, "rais": {"0": {"curve": curve}}})["methods"]["rais"]
+  assert s["epochs_run"]["per_seed"] == [1.6]
+  assert s["epoch"]["per_seed"] == [1.6] and s["speedup_epoch"]["per_seed"] == [3 / 1.6]
+  assert s["usgd_at_equal_epochs"]["train_loss"]["per_seed"] == [0.5]  # epoch 2
+  assert s["at_usgd_wall_clock"]["train_loss"]["per_seed"] == [0.38]
+  assert "note" in compare.summarise({"rais": {"0": {"curve": curve}}})
 
 
 def test_cli_end_to_end_all_methods(tmp_path):
@@ -60,16 +77,26 @@ def test_cli_end_to_end_all_methods(tmp_path):
   assert set(saved["runs"]) == {"usgd", "rais", "osgd"}
   for method, by_seed in saved["runs"].items():
     assert set(by_seed) == {"0", "1"}
-    for run in by_seed.values():
-      assert [p["epoch"] for p in run["curve"]] == [0, 1, 2]
+    for seed, run in by_seed.items():
+      epochs = [p["epoch"] for p in run["curve"]]
+      assert run["seed"] == int(seed)
+      if method == "usgd":
+        assert epochs == [0, 1, 2]
+      else:  # until the schedule's budget (2 epochs equivalent) is spent
+        assert epochs[:2] == [0, 1] and 1 < epochs[-1] <= 2
+        last = run["curve"][-1]
+        assert last["epochs_equivalent"] >= 2 - 1e-6 or epochs[-1] == 2
+        assert run["schedule_end_epoch"] in (None, epochs[-1])
       assert all(POINT_KEYS <= set(p) for p in run["curve"])
       assert all(np.isfinite(p["train_loss"]) for p in run["curve"])
       assert run["curve"][-1]["skipped_steps"] == 0
       walls = [p["wall_clock_s"] for p in run["curve"]]
-      assert walls[0] == 0 and walls[1] > 0 and walls[2] > walls[1]
+      assert walls[0] == 0 and walls[1] > 0 and walls[-1] > walls[1]
     if method == "rais":
       assert len(run["c"]) == len(run["d"]) == len(run["feature_names"]) == 13
   assert set(saved["summary"]["methods"]) == {"usgd", "rais", "osgd"}
+  env = saved["environment"]
+  assert env["rais_jax"] and "git_commit" in env and saved["config"]["seeds"] == [0, 1]
   # The two seeds start from different initialisations.
   assert saved["runs"]["usgd"]["0"]["curve"][0] != saved["runs"]["usgd"]["1"]["curve"][0]
   for name in PLOTS:

@@ -1,0 +1,145 @@
+"""How good is the estimated gain ratio? r̂ against the true r over training.
+
+    python benchmarks/bench_gain_ratio.py [--dataset mnist1d] [--model mlp] [--norms exact]
+
+RAIS trains as in ``rais-jax compare`` (same model, schedule, block size); every
+``--every`` steps the true gain ratio at the current parameters and sampling
+distribution is computed from the exact norms of all n examples and the full
+gradient (:meth:`rais_jax.Runner.exact_gain_ratio`), beside the r̂ the next
+step will use and the bias-corrected moment EMAs it is made of. Writes
+``results/gain_ratio_DATASET_MODEL_NORMS.json``, ``.md`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import rais_jax as rj
+from rais_jax import compare
+from rais_jax import data as data_lib
+from rais_jax.models import functional, make_model
+
+from common import RESULTS, environment  # pylint: disable=g-bad-import-order
+
+
+def corrected_moments(moments, alpha: float) -> dict:
+  """The bias-corrected EMAs the estimator divides."""
+  c = 1.0 - (1.0 - alpha) ** max(int(moments.count), 1)
+  return {name: float(getattr(moments, name)) / c for name in
+          ("uniform_moment", "robust_moment", "grad_sq_norm", "grad_halves_inner")}
+
+
+def run_seed(args, seed: int, raw, classes: int) -> list[dict]:
+  train = {"x": jnp.asarray(raw["x_train"]), "label": jnp.asarray(raw["y_train"])}
+  n, m = len(raw["y_train"]), args.batch_size
+  model_fn, params = functional(make_model(args.model, raw["x_train"].shape[1:],
+                                           classes, hidden=(256, 256),
+                                           rngs=nnx.Rngs(seed)))
+  config = compare.CompareConfig(dataset=args.dataset, model=args.model,
+                                 epochs=args.epochs, batch_size=m, lr=args.lr,
+                                 norms=args.norms)
+  steps_per_epoch = n // m
+  sampler = rj.rais_sampler(rj.default_features(raw["y_train"], classes), batch_size=m,
+                            ema_rate=args.ema_rate)
+  k = compare.block_size(steps_per_epoch, min(32, sampler.config.pt_period // 2))
+  every = k * max(1, args.every // k)
+  optimizer = rj.rais_sgd(compare.schedule(config, args.epochs * steps_per_epoch),
+                          momentum=0.9)
+  runner = rj.make_runner(model_fn, rj.softmax_cross_entropy_head(), optimizer,
+                          sampler, norms=args.norms, block_size=k)
+  truth = jax.jit(runner.exact_gain_ratio)
+  state, key, points = runner.init(params), jax.random.key(seed), []
+  for _ in range(args.epochs * steps_per_epoch // every):
+    state, metrics = runner.run(state, key, train, every)
+    exact = truth(state, train)
+    points.append({
+        "step": int(state.step), "epoch": int(state.step) / steps_per_epoch,
+        "epochs_equivalent": float(rj.epochs_equivalent(state.opt_state, m, n)),
+        "r_hat": float(runner.gain_ratio(state)),
+        "r_true": float(exact.ratio),
+        "r_used_mean": float(jnp.mean(metrics.gain_ratio)),
+        "true_uniform_moment": float(exact.uniform_moment),
+        "true_robust_moment": float(exact.robust_moment),
+        "true_full_grad_sq_norm": float(exact.full_grad_sq_norm),
+        "fitted": bool(state.sampler.fitted),
+        **{f"ema_{k_}": v for k_, v in corrected_moments(state.moments,
+                                                         args.ema_rate).items()},
+    })
+  runner.close()
+  return points
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--dataset", default="mnist1d")
+  p.add_argument("--model", default="mlp")
+  p.add_argument("--norms", default="exact", choices=("exact", "proxy"))
+  p.add_argument("--epochs", type=int, default=30)
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--lr", type=float, default=0.05)
+  p.add_argument("--ema-rate", type=float, default=0.01)
+  p.add_argument("--every", type=int, default=125, help="steps between truths")
+  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  p.add_argument("--name", default=None)
+  args = p.parse_args(argv)
+  raw = data_lib.load_dataset(args.dataset)
+  classes = data_lib.num_classes(raw)
+  runs = {}
+  for seed in args.seeds:
+    runs[seed] = run_seed(args, seed, raw, classes)
+    for q in runs[seed][:: max(1, len(runs[seed]) // 10)]:
+      print(f"seed {seed} epoch {q['epoch']:5.1f} τ-epochs {q['epochs_equivalent']:5.1f} "
+            f"r̂ {q['r_hat']:.3f} r {q['r_true']:.3f} "
+            f"Û/U {q['ema_uniform_moment'] / q['true_uniform_moment']:.3f} "
+            f"R̂/R {q['ema_robust_moment'] / q['true_robust_moment']:.3f}", flush=True)
+  name = args.name or f"gain_ratio_{args.dataset}_{args.model}_{args.norms}"
+  RESULTS.mkdir(exist_ok=True)
+  (RESULTS / f"{name}.json").write_text(json.dumps(
+      {"environment": environment(), "args": vars(args),
+       "runs": {str(s): v for s, v in runs.items()}}, indent=1))
+  # After warm-up: once (PT) has fitted and the EMA has seen ~3/α steps.
+  warm = [q for pts in runs.values() for q in pts
+          if q["fitted"] and q["step"] >= 3 / args.ema_rate]
+  rel = [q["r_hat"] / q["r_true"] - 1 for q in warm]
+  lines = [f"### Estimated vs true gain ratio ({args.dataset} {args.model}, "
+           f"{args.norms} norms, m={args.batch_size}, lr {args.lr}, α={args.ema_rate}, "
+           f"{args.epochs} epochs, seeds {args.seeds})", "",
+           f"After warm-up ({len(warm)} points): r̂/r − 1 median {statistics.median(rel):+.3f}, "
+           f"min {min(rel):+.3f}, max {max(rel):+.3f}; |r̂/r − 1| ≤ 0.10 at "
+           f"{np.mean(np.abs(rel) <= 0.1):.0%} of points.", "",
+           "| seed | epoch | epochs equivalent | r̂ | true r | r̂/r − 1 |", "|---|---|---|---|---|---|"]
+  for seed, pts in runs.items():
+    for q in pts[:: max(1, len(pts) // 6)]:
+      lines.append(f"| {seed} | {q['epoch']:.1f} | {q['epochs_equivalent']:.1f} | "
+                   f"{q['r_hat']:.3f} | {q['r_true']:.3f} | {q['r_hat'] / q['r_true'] - 1:+.3f} |")
+  md = "\n".join(lines) + "\n"
+  (RESULTS / f"{name}.md").write_text(md)
+  print(md)
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for i, (seed, pts) in enumerate(runs.items()):
+    ep = [q["epoch"] for q in pts]
+    ax.plot(ep, [q["r_true"] for q in pts], color=f"C{i}", lw=1.5,
+            label=f"true r, seed {seed}")
+    ax.plot(ep, [q["r_hat"] for q in pts], color=f"C{i}", lw=1, ls="--",
+            label=f"r̂, seed {seed}")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("gain ratio")
+  ax.set_title(f"{args.dataset} {args.model}, {args.norms} norms")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(RESULTS / f"{name}.png", dpi=120)
+
+
+if __name__ == "__main__":
+  main()
