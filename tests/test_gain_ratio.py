@@ -114,3 +114,22 @@ def test_estimate_tracks_the_true_ratio_on_a_real_run():
   assert max(true for _, _, true in points) > 1.3  # the run has a gain to estimate
   assert np.median(errors) <= 0.10, errors
   assert np.quantile(errors, 0.9) <= 0.35, errors
+
+
+def test_exact_ratio_by_enumerating_every_minibatch():
+  """gain_ratio.exact against E‖g‖² summed over all n² minibatches of m = 2."""
+  rng = np.random.default_rng(0)
+  n, m = 5, 2
+  grads = rng.normal(size=(n, 3))
+  p = rng.uniform(0.5, 2.0, n)
+  p /= p.sum()
+
+  def second_moment(probs):
+    g1 = grads / (n * probs[:, None])  # single-sample estimates
+    return sum(probs[i] * probs[j] * np.sum(((g1[i] + g1[j]) / m) ** 2)
+               for i in range(n) for j in range(n))
+
+  out = gain_ratio.exact(jnp.asarray(np.linalg.norm(grads, axis=1)), jnp.asarray(p),
+                         jnp.asarray(np.sum(grads.mean(0) ** 2)), m)
+  np.testing.assert_allclose(out.ratio, second_moment(np.full(n, 1 / n)) / second_moment(p),
+                             rtol=1e-5)

@@ -4,7 +4,6 @@ stays finite in [1, r_max], whatever the norms."""
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
