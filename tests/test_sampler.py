@@ -166,6 +166,18 @@ def test_oracle_sampler_proportional_to_norms():
   assert int(state.diagnostics.nonfinite_norms) == 1
 
 
+def test_oracle_default_floor_bounds_the_weights():
+  """A stale oracle cannot blow up a step: with the default ε = 0.3 every
+  importance weight 1/(n p_i) is at most 1/ε, however skewed the norms."""
+  n = 1000
+  sampler = rj.oracle_sampler(n, batch_size=64)
+  norms = jnp.concatenate([jnp.full((1,), 1e6), jnp.full((n - 1,), 1e-6)])
+  state = sampler.refresh(sampler.init(), norms)
+  weights = 1.0 / (n * sampler.probabilities(state))
+  assert float(weights.max()) <= 1 / 0.3 + 1e-4
+  assert float(weights.max()) > 3.0  # the bound is attained by the small norms
+
+
 def test_uniform_sampler_gain_ratio_is_one():
   sampler = rj.uniform_sampler(50, batch_size=5)
   state = _feed(sampler, sampler.init(), 5, lambda i: jnp.ones(5))
