@@ -135,6 +135,10 @@ class Runner:
                         skipped_steps=jnp.zeros((), jnp.int32))
     return jax.device_put(state, jax.local_devices()[0])
 
+  def _loss_fn(self, params: PyTree, batch: PyTree) -> chex.Array:
+    """The per-example losses (m,) of ``model_fn`` composed with ``loss_head``."""
+    return self._loss_head(self._model_fn(params, batch), batch)
+
   def gain_ratio(self, state: RunnerState) -> chex.Array:
     """r the next step will use."""
     return self._gain_ratio(state.moments)
@@ -152,7 +156,7 @@ class Runner:
     """The true gain ratio at ``state``'s parameters and sampling
     distribution: exact norms of all n examples and the full gradient (two
     passes over the data; for analysis, e.g. against :meth:`gain_ratio`)."""
-    loss_fn = lambda p, b: self._loss_head(self._model_fn(p, b), b)
+    loss_fn = self._loss_fn
     norms = all_exact_norms(loss_fn, state.params, data, chunk_size=chunk_size,
                             method=self._exact_method)
     grads = full_gradient(loss_fn, state.params, data, chunk_size=chunk_size)
@@ -227,9 +231,8 @@ class Runner:
                              carry, drawn))
 
   def _refresh_oracle(self, sampler_state, params, data):
-    loss_fn = lambda p, b: self._loss_head(self._model_fn(p, b), b)
     return bs.refresh(self.config, sampler_state, all_exact_norms(
-        loss_fn, params, data, chunk_size=self._oracle_chunk,
+        self._loss_fn, params, data, chunk_size=self._oracle_chunk,
         method=self._exact_method))
 
   def steps(self, state: RunnerState, key: chex.PRNGKey, data: PyTree
@@ -246,7 +249,7 @@ class Runner:
     if cfg.measures:
       check_gain_ratio_consumed(self.optimizer, state.params)
     norms_lib.check_loss_fn(
-        lambda p, b: self._loss_head(self._model_fn(p, b), b), state.params,
+        self._loss_fn, state.params,
         jax.tree.map(lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype),
                      data))
     drawn = bs.draw(cfg, state.sampler, key, (k, m))
@@ -407,13 +410,10 @@ def make_runner(model_fn: ModelFn, loss_head: LossHead,
   Args:
     model_fn: ``(params, batch) -> outputs`` (e.g. logits).
     loss_head: ``(outputs, batch) -> (m,)`` per-example losses.
-    optimizer: an optax transformation whose updates use the ``gain_ratio``
-      extra argument, e.g. :func:`rais_jax.rais_sgd`, or
-      ``optax.chain(optax.scale_by_adam(), rais_jax.scale_by_gain_ratio(lr))``;
-      one that ignores it (a stock ``optax.sgd`` or ``optax.adam``) is
-      refused at trace time for RAIS and O-SGD. U-SGD takes any optimizer.
-    sampler: from :func:`rais_jax.rais_sampler`, :func:`uniform_sampler` or
-      :func:`oracle_sampler` (the runner reads its configuration).
+    optimizer: as for :func:`rais_jax.make_train_step`: its updates must use
+      the ``gain_ratio`` extra argument for RAIS and O-SGD.
+    sampler: as for :func:`rais_jax.make_train_step` (the runner reads its
+      configuration).
     norms: ``"exact"`` (default; ghost norms, the exact gain ratio) or
       ``"proxy"`` (the scale-free gain ratio), as for
       :func:`rais_jax.make_train_step`; a uniform sampler measures nothing.

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import chex
 import jax
@@ -49,31 +49,17 @@ from rais_jax import block_sampler as bs
 from rais_jax import gain_ratio as gain_ratio_lib
 from rais_jax import pt_service
 from rais_jax import records as records_lib
-from rais_jax import sum_tree
-from rais_jax.block_sampler import Diagnostics, PendingSolve, Sample, SamplerConfig
+from rais_jax.block_sampler import Diagnostics, Sample, SamplerConfig
 from rais_jax.features import FeatureMap
-from rais_jax.records import Records
-
-PyTree = Any
 
 
 @struct.dataclass
-class SamplerState:
-  features: PyTree
-  trees: sum_tree.SumTree  # stack of 3: a, b, ones
-  # The trees' roots, kept beside them: reading them from ``trees`` would add
-  # reads of the O(n) buffer that XLA re-derives inside every consumer, out of
-  # order with the trees' in-place update, and it would then copy the trees
-  # every step (measured: ~50 ms at n = 10⁷ on CPU).
-  totals: chex.Array  # (3,)
-  c: chex.Array  # (d_R,)
-  d: chex.Array  # (d_R,)
-  fitted: chex.Array  # bool: (c, d) define the distribution (else uniform)
-  records: Records
-  pending: PendingSolve
+class SamplerState(bs.RobustState):
+  """The fast path's :class:`~rais_jax.block_sampler.RobustState`, plus the
+  gain-ratio moments and the step count that the per-step API keeps here."""
+
   moments: gain_ratio_lib.GainRatioState
   step: chex.Array  # int32 number of updates
-  diagnostics: Diagnostics
 
 
 class Sampler(NamedTuple):

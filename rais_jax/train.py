@@ -82,15 +82,22 @@ def _gather(data: PyTree, indices: chex.Array) -> PyTree:
   return jax.tree.map(lambda x: x[indices], data)
 
 
+def _chunks(data: PyTree, chunk_size: int) -> tuple[PyTree, chex.Array]:
+  """All n examples as (chunks, chunk_size, ...), the last chunk padded by
+  wrapping around, and which rows are real (not padding)."""
+  n = norms_lib.batch_size_of(data)
+  chunk_size = min(chunk_size, n)
+  index = jnp.arange(-(-n // chunk_size) * chunk_size)
+  chunks = jax.tree.map(
+      lambda x: x[index % n].reshape((-1, chunk_size) + x.shape[1:]), data)
+  return chunks, (index < n).reshape(-1, chunk_size)
+
+
 def chunked_map(fn: Callable[[PyTree], PyTree], data: PyTree,
                  chunk_size: int) -> PyTree:
   """``fn`` over all n examples in chunks (padded by wrapping), outputs (n, ...)."""
   n = norms_lib.batch_size_of(data)
-  chunk_size = min(chunk_size, n)
-  wrapped = jnp.arange(-(-n // chunk_size) * chunk_size) % n
-  chunks = jax.tree.map(
-      lambda x: x[wrapped].reshape((-1, chunk_size) + x.shape[1:]), data)
-  out = jax.lax.map(fn, chunks)
+  out = jax.lax.map(fn, _chunks(data, chunk_size)[0])
   return jax.tree.map(lambda y: y.reshape((-1,) + y.shape[2:])[:n], out)
 
 
@@ -134,13 +141,8 @@ def all_exact_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],
 def full_gradient(loss_fn: Callable[[PyTree, PyTree], chex.Array], params: PyTree,
                   data: PyTree, *, chunk_size: int) -> PyTree:
   """∇F = (1/n) Σ_i ∇f_i over all n examples of ``data``, in chunks."""
-  n = norms_lib.batch_size_of(data)
-  chunk_size = min(chunk_size, n)
-  chunks = -(-n // chunk_size)
-  index = jnp.arange(chunks * chunk_size)
-  weights = (index < n).reshape(chunks, chunk_size) / n  # padding weighs 0
-  batches = jax.tree.map(
-      lambda x: x[index % n].reshape((chunks, chunk_size) + x.shape[1:]), data)
+  batches, real = _chunks(data, chunk_size)
+  weights = real / norms_lib.batch_size_of(data)  # padding weighs 0
 
   def add_chunk(total, chunk):
     batch, w = chunk

@@ -19,6 +19,18 @@ def classification(n: int, classes: int):
   return data, model_fn, params, labels
 
 
+def sampler(method: str, labels, classes: int, batch_size: int, *,
+            buffer_size: int, mode: str = "async") -> rj.Sampler:
+  """The sampler of U-SGD ("usgd"), O-SGD ("osgd") or RAIS ("rais")."""
+  n = len(labels)
+  if method == "usgd":
+    return rj.uniform_sampler(n, batch_size=batch_size)
+  if method == "osgd":
+    return rj.oracle_sampler(n, batch_size=batch_size)
+  return rj.rais_sampler(rj.default_features(labels, classes), batch_size=batch_size,
+                         buffer_size=buffer_size, pt_mode=mode)
+
+
 def broken_solver(failure: str):
   """A stand-in for ``solve_pt`` that raises (``"raise"``) or returns NaN."""
   def solve(features, norms, probs, feature_sum, *, init, max_iters):

@@ -26,20 +26,15 @@ def problem():
   return problems.classification(N, CLASSES)
 
 
-def _sampler(method, labels, mode="async", norms="proxy"):
-  if method == "usgd":
-    return rj.uniform_sampler(N, batch_size=M)
-  if method == "osgd":
-    return rj.oracle_sampler(N, batch_size=M)
-  return rj.rais_sampler(rj.default_features(labels, CLASSES), batch_size=M,
-                         buffer_size=128, pt_mode=mode)
+def _sampler(method, labels, mode="async"):
+  return problems.sampler(method, labels, CLASSES, M, buffer_size=128, mode=mode)
 
 
 def _runner(problem, method="rais", *, mode="async", norms="proxy", block_size=K):
   _, model_fn, _, labels = problem
   return rj.make_runner(
       model_fn, rj.softmax_cross_entropy_head(), rj.rais_sgd(0.05, momentum=0.9),
-      _sampler(method, labels, mode, norms), norms=None if method == "usgd" else norms,
+      _sampler(method, labels, mode), norms=None if method == "usgd" else norms,
       block_size=block_size, oracle_period=8)
 
 

@@ -17,12 +17,7 @@ def problem():
 
 
 def _sampler(method, labels, mode="async"):
-  if method == "usgd":
-    return rj.uniform_sampler(N, batch_size=M)
-  if method == "osgd":
-    return rj.oracle_sampler(N, batch_size=M)
-  return rj.rais_sampler(rj.default_features(labels, CLASSES), batch_size=M,
-                         buffer_size=96, pt_mode=mode)
+  return problems.sampler(method, labels, CLASSES, M, buffer_size=96, mode=mode)
 
 
 def _run(problem, method, steps, *, mode="async", state=None, start=0, norms="proxy",
