@@ -4,7 +4,7 @@ Johnson & Guestrin, "Training Deep Models Faster with Robust, Approximate
 Importance Sampling", NeurIPS 2018.
 """
 
-from rais_jax import block_sampler, ghost, records, sum_tree
+from rais_jax import block_sampler, ghost, records, selection, sum_tree
 from rais_jax.block_sampler import SamplerConfig
 from rais_jax.features import FeatureMap, default_features, static_features
 from rais_jax.gain_ratio import GainRatioState
@@ -13,8 +13,9 @@ from rais_jax.norms import (per_example_grad_norms, softmax_cross_entropy_proxy_
 from rais_jax.pt_solver import PTInfo, pt_constraint, solve_pt
 from rais_jax.runner import Runner, RunnerState, make_runner
 from rais_jax.robust import robust_probabilities, worst_case_second_moment
-from rais_jax.sampler import (Sample, Sampler, SamplerState, oracle_sampler,
-                              rais_sampler, uniform_sampler)
+from rais_jax.sampler import (Sample, Sampler, SamplerState, infobatch, loss_sampler,
+                              naive_sampler, oracle_sampler, rais_sampler,
+                              selective_backprop, uniform_sampler)
 from rais_jax.train import (StepMetrics, TrainState, evaluate, init_train_state,
                             make_train_step, softmax_cross_entropy_head)
 from rais_jax.transform import (ScaleByGainRatioState, epochs_equivalent,
@@ -31,4 +32,5 @@ __all__ = [
     "softmax_cross_entropy_head", "softmax_cross_entropy_proxy_norms", "solve_pt",
     "static_features", "sum_tree", "uniform_sampler", "value_grad_and_norms",
     "worst_case_second_moment", "ghost", "block_sampler", "records", "SamplerConfig",
+    "naive_sampler", "loss_sampler", "selective_backprop", "infobatch", "selection",
 ]

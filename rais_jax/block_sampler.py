@@ -17,6 +17,12 @@ importance-weighted gradient stays unbiased; the features are only up to K steps
 staler than with per-step updates. Until the first (PT) solution is applied,
 sampling is uniform.
 
+The same trees serve the point-estimate baselines ("naive": p ∝ the last
+measured gradient norm of each example; "loss": p ∝ its last loss): there
+a_i is the last value (0 if never measured), b_i = 1 for never-measured
+examples, and k = A / (n − B) is the mean of the measured values, so a
+never-measured example is sampled as if its value were that mean.
+
 The functions are pure, module-level and take a :class:`SamplerConfig` first
 (the factories in :mod:`rais_jax.sampler` build it; bind it with
 ``functools.partial``). They work on any state with the fields of
@@ -41,14 +47,18 @@ from rais_jax import sum_tree
 from rais_jax.features import FeatureMap
 
 PyTree = Any
-KINDS = ("rais", "uniform", "oracle")
+# Point-estimate importance sampling (the baselines of :mod:`rais_jax.compare`):
+# p_i ∝ the last measured gradient norm ("naive") or loss ("loss") of example
+# i, never-seen examples at the mean of the seen ones.
+POINT_KINDS = ("naive", "loss")
+KINDS = ("rais", "uniform", "oracle") + POINT_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """What a sampler factory was asked for; static (hashable) configuration."""
 
-  kind: str  # "rais", "uniform" or "oracle"
+  kind: str  # one of KINDS, or a selection kind of rais_jax.selection
   feature_map: FeatureMap
   batch_size: int
   floor: float = 1e-3
@@ -64,10 +74,26 @@ class SamplerConfig:
   def num_examples(self) -> int:
     return self.feature_map.num_examples
 
+  # Selection methods (rais_jax.selection): Selective-Backprop's β, loss
+  # history and candidates per step; InfoBatch's prune ratio, annealing
+  # fraction δ and the run's epochs.
+  beta: float = 1.0
+  history_size: int = 1024
+  candidates: int = 0
+  prune_ratio: float = 0.5
+  anneal: float = 0.875
+  num_epochs: int = 0
+
   @property
   def measures(self) -> bool:
-    """Whether measured norms change the sampling distribution."""
-    return self.kind != "uniform"
+    """Whether the method needs measured gradient norms (its distribution and
+    its gain ratio come from them)."""
+    return self.kind in ("rais", "oracle", "naive")
+
+  @property
+  def has_trees(self) -> bool:
+    """Whether p is kept in sum-trees (else uniform or a selection rule)."""
+    return self.kind in ("rais", "oracle") + POINT_KINDS
 
 
 class Sample(NamedTuple):
@@ -149,12 +175,22 @@ def leaf_rows(a: chex.Array, b: chex.Array) -> chex.Array:
 def rebuild_trees(config: SamplerConfig, features: PyTree, c: chex.Array,
                   d: chex.Array) -> dict[str, chex.Array]:
   """``trees`` and ``totals`` rebuilt from all features, O(n)."""
-  if not config.measures:  # never read: keep them O(1)
+  if not config.has_trees:  # never read: keep them O(1)
     trees = sum_tree.build(jnp.ones((3, 1), jnp.float32))
+  elif config.kind in POINT_KINDS:
+    trees = sum_tree.build(leaf_rows(*point_leaves(features)))
   else:
     a, b = robust.centres_and_widths(c, d, config.feature_map.compute(features, None))
     trees = sum_tree.build(leaf_rows(a, b))
   return {"trees": trees, "totals": sum_tree.total(trees)}
+
+
+def point_leaves(values: chex.Array) -> tuple[chex.Array, chex.Array]:
+  """Point estimates: a = the last measured value (0 if never seen), b = 1 for
+  never-seen examples (−1 in ``values``), so that with k = A / (n − B), the
+  mean of the seen values, a_i + k b_i is the estimate of every example."""
+  seen = values >= 0
+  return jnp.where(seen, values, 0.0), (~seen).astype(jnp.float32)
 
 
 def empty_pending(num_records: int, num_features: int, c: chex.Array,
@@ -167,14 +203,16 @@ def empty_pending(num_records: int, num_features: int, c: chex.Array,
 
 
 def init(config: SamplerConfig) -> RobustState | UniformState:
-  """A fresh state; uniform sampling until (c, d) are first fitted."""
+  """A fresh state. Sampling is uniform until RAIS's (c, d) are first fitted,
+  O-SGD's oracle first refreshed, or a naive / loss sampler's first value
+  measured."""
   if config.kind == "uniform":
     return UniformState()
   d_r = config.feature_map.num_features
   features = config.feature_map.init()
   c, d = jnp.zeros((d_r,), jnp.float32), jnp.zeros((d_r,), jnp.float32)
-  fitted = config.kind == "oracle"
-  if fitted:  # p ∝ the one feature, the oracle norm
+  fitted = config.kind != "rais"  # the others sample from their features at once
+  if config.kind == "oracle":  # p ∝ the one feature, the oracle norm
     c = jnp.ones((1,), jnp.float32)
   return RobustState(
       features=features, **rebuild_trees(config, features, c, d), c=c, d=d,
@@ -183,10 +221,14 @@ def init(config: SamplerConfig) -> RobustState | UniformState:
       diagnostics=Diagnostics.zeros())
 
 
-def _mixture(state) -> tuple[chex.Array, chex.Array, chex.Array, chex.Array]:
-  """(A, k, A + kB, whether the robust distribution is usable)."""
+def _mixture(config: SamplerConfig, state
+             ) -> tuple[chex.Array, chex.Array, chex.Array, chex.Array]:
+  """(A, k, A + kB, whether the distribution is usable, else uniform)."""
   a_total, b_total, _ = state.totals
-  k = robust.mixture_scale(b_total)
+  if config.kind in POINT_KINDS:  # never-seen examples at the mean seen value
+    k = a_total / jnp.maximum(config.num_examples - b_total, 1.0)
+  else:
+    k = robust.mixture_scale(b_total)
   mass = a_total + k * b_total
   usable = state.fitted & (mass > 0) & jnp.isfinite(mass)
   return a_total, k, mass, usable
@@ -197,7 +239,7 @@ def probabilities_at(config: SamplerConfig, state, indices: chex.Array) -> chex.
   n = config.num_examples
   if config.kind == "uniform":
     return jnp.full(indices.shape, 1.0 / n, jnp.float32)
-  _, k, mass, usable = _mixture(state)
+  _, k, mass, usable = _mixture(config, state)
   a, b, _ = sum_tree.leaves(state.trees, indices)
   robust_p = ((1.0 - config.floor) * (a + k * b) / jnp.where(usable, mass, 1.0)
               + config.floor / n)
@@ -217,7 +259,7 @@ def draw(config: SamplerConfig, state, key: chex.PRNGKey,
     idx = jax.random.randint(key, shape, 0, n, jnp.int32)
     return Sample(indices=idx, probs=jnp.full(shape, 1.0 / n),
                   weights=jnp.ones(shape))
-  a_total, _, mass, usable = _mixture(state)
+  a_total, _, mass, usable = _mixture(config, state)
   u = jax.random.uniform(key, (state.trees.depth + 1,) + tuple(shape))
   # Mixture component per draw from u[0]: tree a, tree b, or uniform (ones).
   share_a = (1.0 - config.floor) * a_total / jnp.where(usable, mass, 1.0)
@@ -241,8 +283,10 @@ def fold_in(config: SamplerConfig, state, sample: Sample, norms: chex.Array):
   ``sample`` and ``norms`` have any common shape (e.g. (K, m) for a block).
   RAIS: features, D (with the features before this fold-in) and the leaves of
   the drawn examples; oracle: nothing but the count of non-finite norms
-  (its features change only by :func:`refresh`); uniform: nothing. Non-finite
-  or negative norms are skipped and counted.
+  (its features change only by :func:`refresh`); naive and loss: the last
+  value of each drawn example (``norms`` holds the losses for "loss") and its
+  leaves; uniform: nothing. Non-finite or negative values are skipped and
+  counted.
   """
   if config.kind == "uniform":
     return state
@@ -250,6 +294,15 @@ def fold_in(config: SamplerConfig, state, sample: Sample, norms: chex.Array):
   norms = norms.reshape(-1).astype(jnp.float32)
   valid = jnp.isfinite(norms) & (norms >= 0)
   if config.kind == "oracle":
+    return count_nonfinite(state, valid)
+  if config.kind in POINT_KINDS:
+    # Skipped values scatter out of range (dropped), so a duplicate with a
+    # valid value is never overwritten by its old one.
+    features = state.features.at[jnp.where(valid, idx, config.num_examples)].set(
+        norms, mode="drop")
+    a, b = point_leaves(features[idx])
+    trees = sum_tree.update_many(state.trees, idx, leaf_rows(_ordered_after(a, p), b))
+    state = state.replace(features=features, trees=trees, totals=sum_tree.total(trees))
     return count_nonfinite(state, valid)
   fmap = config.feature_map
   clean = jnp.where(valid, norms, 0.0)

@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
       "sampling for SGD (Johnson & Guestrin, 2018).")
   sub = p.add_subparsers(dest="command", required=True)
   c = sub.add_parser(
-      "compare", help="train U-SGD, RAIS-SGD and O-SGD side by side",
+      "compare", help="train U-SGD, RAIS-SGD, O-SGD and baselines side by side",
       description=compare.__doc__.split("\n\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   c.add_argument("--dataset", default=_DEFAULTS.dataset,
@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
                  "y_test)")
   c.add_argument("--model", choices=["mlp", "cnn"], default=_DEFAULTS.model)
   c.add_argument("--methods", type=_methods, default=",".join(_DEFAULTS.methods),
-                 help="comma-separated: usgd, rais, osgd")
+                 help="comma-separated, of: " + ", ".join(compare.METHODS))
   c.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)
   c.add_argument("--seeds", type=_ints,
                  default=",".join(map(str, _DEFAULTS.seeds)),
@@ -62,6 +62,17 @@ def parser() -> argparse.ArgumentParser:
   c.add_argument("--block-size", type=int, default=_DEFAULTS.block_size,
                  help="steps per block of the fast path (at most this: the "
                  "largest divisor of the steps per epoch; 1 = per-step sampling)")
+  c.add_argument("--is-floor", type=float, default=_DEFAULTS.is_floor,
+                 help="uniform floor ε of naive and loss-is (default: RAIS's, 1e-3)")
+  c.add_argument("--sb-beta", type=float, default=_DEFAULTS.sb_beta,
+                 help="Selective-Backprop's selectivity β: a candidate is "
+                 "backpropagated with probability (its loss percentile)^β")
+  c.add_argument("--infobatch-ratio", type=float, default=_DEFAULTS.infobatch_ratio,
+                 help="InfoBatch's prune ratio: the fraction of the below-mean-"
+                 "loss examples left out each epoch")
+  c.add_argument("--infobatch-delta", type=float, default=_DEFAULTS.infobatch_delta,
+                 help="InfoBatch's annealing: the epochs after the first "
+                 "⌊δ·epochs⌋ use the full data")
   c.add_argument("--hidden", type=int, nargs="+", default=list(_DEFAULTS.hidden),
                  help="MLP hidden widths")
   c.add_argument("--num-samples", type=int, default=_DEFAULTS.num_samples,
@@ -83,7 +94,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
       epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
       lr=args.lr, lr_schedule=args.lr_schedule, momentum=args.momentum,
       norms=args.norms, oracle_period=args.oracle_period, r_max=args.r_max,
-      block_size=args.block_size,
+      block_size=args.block_size, is_floor=args.is_floor, sb_beta=args.sb_beta,
+      infobatch_ratio=args.infobatch_ratio, infobatch_delta=args.infobatch_delta,
       hidden=tuple(args.hidden), num_samples=args.num_samples,
       data_dir=args.data_dir)
   try:

@@ -1,13 +1,31 @@
-"""U-SGD, RAIS-SGD and O-SGD trained side by side, and how much sooner each
-reaches U-SGD's final training loss.
+"""U-SGD, RAIS-SGD, O-SGD and the methods users would pick instead, trained
+side by side, and how much sooner each reaches U-SGD's final training loss.
 
-All methods share the model and its initialisation (per seed), the base
-learning-rate schedule (RAIS indexes it by equivalent iterations τ, see
-:func:`rais_jax.rais_sgd`), the batch size, the sampling keys and the
-evaluation points (every epoch of steps). At each point a run records the
-training loss over the whole training set (uniform weights), test loss and
-accuracy, the wall-clock training time so far (evaluation excluded), epochs
-equivalent τ/(n/m) and the mean gain ratio of the epoch's steps.
+Methods (``--methods``):
+
+* ``usgd``: uniform sampling, the plain learning rate;
+* ``rais``: RAIS-SGD; ``osgd``: the O-SGD oracle (p ∝ all n exact norms,
+  refreshed every ``oracle_period`` steps);
+* ``naive``: p ∝ the last measured gradient norm of each example, RAIS's
+  floor, gain ratio and schedule (the ablation of the robust set);
+* ``loss-is``: p ∝ the last loss, unbiased weights, the plain learning rate
+  (Katharopoulos & Fleuret, 2018, without presampling);
+* ``selective-backprop``: backpropagate the high-loss examples among
+  (β + 1) m uniform candidates (Jiang et al., 2019), no reweighting;
+* ``infobatch``: prune below-mean-loss examples each epoch and up-weight the
+  kept ones, full data for the last epochs (Qin et al., ICLR 2024).
+
+All share the fast step (:func:`rais_jax.make_runner`), the model and its
+initialisation (per seed), the base learning-rate schedule (the methods that
+raise the learning rate by the gain ratio, RAIS, O-SGD and naive, index it by
+equivalent iterations τ and stop when it is spent, see
+:func:`rais_jax.rais_sgd`; InfoBatch indexes it by data epochs), the batch
+size, the keys and the evaluation points (every epoch). At each point a run
+records the training loss over the whole training set (uniform weights), test
+loss and accuracy, the wall-clock training time so far (evaluation excluded),
+epochs equivalent τ/(n/m) and the mean gain ratio of the epoch's steps; an
+"epoch" is n/m steps of m backpropagated examples (an InfoBatch epoch has
+fewer steps; a Selective-Backprop step forwards (β + 1) m candidates).
 """
 
 from __future__ import annotations
@@ -32,7 +50,12 @@ import rais_jax as rj
 from rais_jax import data as data_lib
 from rais_jax.models import functional, make_model
 
-METHODS = ("usgd", "rais", "osgd")
+METHODS = ("usgd", "rais", "osgd", "naive", "loss-is", "selective-backprop",
+           "infobatch")
+# Methods that raise the learning rate by the gain ratio: they stop when the
+# schedule's budget of τ is spent.
+BOOSTED = ("rais", "osgd", "naive")
+UNBIASED = ("usgd", "rais", "osgd", "naive", "loss-is")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -40,7 +63,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 class CompareConfig:
   dataset: str = "mnist1d"
   model: str = "mlp"
-  methods: tuple[str, ...] = METHODS
+  methods: tuple[str, ...] = ("usgd", "rais", "osgd")
   epochs: int = 30
   seeds: tuple[int, ...] = (0, 1, 2)
   batch_size: int = 64
@@ -50,10 +73,15 @@ class CompareConfig:
   norms: str = "exact"  # how RAIS measures u_k: "exact" (ghost) or "proxy"
   oracle_period: int = 10  # O-SGD refreshes all n exact norms every k steps
   r_max: Optional[float] = None  # upper clip of RAIS's and O-SGD's gain ratio (default m)
+  # The uniform floor ε of naive and loss-is (default: RAIS's, 1e-3).
+  is_floor: Optional[float] = None
   # K of the fast path: the largest divisor of the steps per epoch up to this
   # (RAIS: also up to half its (PT) period; O-SGD: up to the oracle period,
   # so that it refreshes on schedule).
   block_size: int = 32
+  sb_beta: float = 1.0  # Selective-Backprop's selectivity β
+  infobatch_ratio: float = 0.5  # InfoBatch's prune ratio r
+  infobatch_delta: float = 0.875  # InfoBatch's annealing δ
   hidden: tuple[int, ...] = (256, 256)
   num_samples: int = 10_000  # MNIST-1D only
   data_dir: Optional[str] = None
@@ -77,6 +105,14 @@ class CompareConfig:
       raise ValueError(f"r_max must be ≥ 1; got {self.r_max}.")
     if self.lr <= 0:
       raise ValueError(f"lr must be > 0; got {self.lr}.")
+    if self.is_floor is not None and not 0 < self.is_floor <= 1:
+      raise ValueError(f"is_floor must lie in (0, 1]; got {self.is_floor}.")
+    if self.sb_beta <= 0:
+      raise ValueError(f"sb_beta must be > 0; got {self.sb_beta}.")
+    if not 0 <= self.infobatch_ratio < 1:
+      raise ValueError(f"infobatch_ratio must lie in [0, 1); got {self.infobatch_ratio}.")
+    if not 0 <= self.infobatch_delta <= 1:
+      raise ValueError(f"infobatch_delta must lie in [0, 1]; got {self.infobatch_delta}.")
 
 
 def schedule(config: CompareConfig, total_steps: int) -> optax.Schedule:
@@ -95,14 +131,25 @@ def _sampler(method: str, labels: np.ndarray, classes: int,
   if method == "rais":
     return rj.rais_sampler(rj.default_features(labels, classes), batch_size=m,
                            r_max=config.r_max)
+  floor = {} if config.is_floor is None else {"floor": config.is_floor}
+  if method == "naive":
+    return rj.naive_sampler(n, batch_size=m, r_max=config.r_max, **floor)
+  if method == "loss-is":
+    return rj.loss_sampler(n, batch_size=m, **floor)
+  if method == "selective-backprop":
+    return rj.selective_backprop(n, batch_size=m, beta=config.sb_beta)
+  if method == "infobatch":
+    return rj.infobatch(n, batch_size=m, num_epochs=config.epochs,
+                        prune_ratio=config.infobatch_ratio,
+                        anneal=config.infobatch_delta)
   # The oracle's own steps measure exact norms (ghost): its r is exact.
   return rj.oracle_sampler(n, batch_size=m, r_max=config.r_max)
 
 
 def _norms(method: str, config: CompareConfig) -> Optional[str]:
-  if method == "usgd":
-    return None
-  return "exact" if method == "osgd" else config.norms
+  if method in ("rais", "naive"):
+    return config.norms
+  return "exact" if method == "osgd" else None  # the others measure no norms
 
 
 def block_size(steps_per_epoch: int, limit: int) -> int:
@@ -145,7 +192,11 @@ class _Runner:
     te = self.evaluate(state.params, self.test)
     diag = getattr(state.sampler, "diagnostics", None)
     count = lambda name: 0 if diag is None else int(getattr(diag, name))
-    return {
+    # Selective-Backprop's and InfoBatch's own counters.
+    extra = {name: int(getattr(state.sampler, name)) for name in
+             ("forwarded", "backpropagated", "pruned", "nonfinite_losses")
+             if hasattr(state.sampler, name)}
+    return extra | {
         "epoch": epoch, "wall_clock_s": wall,
         "epochs_equivalent": float(rj.epochs_equivalent(state.opt_state, self.m,
                                                         self.n)),
@@ -159,8 +210,8 @@ class _Runner:
   def _epoch(self, state, key, gain: float, budget: int):
     """One epoch of steps; RAIS and O-SGD stop inside it once τ reaches the
     budget (checked block by block only near the end, where it can)."""
-    if self.method == "usgd" or budget - self._tau(state) > 2 * max(gain, 1.0):
-      return self.runner.run(state, key, self.train, self.steps_per_epoch)
+    if self.method not in BOOSTED or budget - self._tau(state) > 2 * max(gain, 1.0):
+      return self.runner.run_epoch(state, key, self.train)
     k, metrics = self.runner.block_size, []
     for _ in range(self.steps_per_epoch // k):
       state, m = self.runner.run(state, key, self.train, k)
@@ -174,10 +225,11 @@ class _Runner:
     return float(rj.equivalent_iterations(state.opt_state))
 
   def run(self, params, seed: int, epochs: int) -> dict:
-    """Trains one seed. U-SGD runs ``epochs`` epochs; RAIS and O-SGD run
-    until their schedule's budget of ``epochs`` epochs *equivalent* is spent
-    (τ = U-SGD's number of steps; no steps at the schedule's final rate
-    after it), or ``epochs`` real epochs, whichever comes first."""
+    """Trains one seed. The methods that raise the learning rate by the
+    gain ratio (RAIS, O-SGD, naive) run until their schedule's budget of
+    ``epochs`` epochs *equivalent* is spent (τ = U-SGD's number of steps; no
+    steps at the schedule's final rate after it), or ``epochs`` real epochs,
+    whichever comes first; the others run ``epochs`` epochs."""
     key = jax.random.key(seed)
     if not self.compiled:
       # Compile before the clock starts: every program of the run (the
@@ -185,8 +237,8 @@ class _Runner:
       # epoch whose result is dropped (compiling alone left the first timed
       # epoch ~40 ms slower on MNIST-1D).
       self.runner.warm_up(params, self.train)
-      jax.block_until_ready(self.runner.run(self.runner.init(params), key,
-                                            self.train, self.steps_per_epoch))
+      jax.block_until_ready(self.runner.run_epoch(self.runner.init(params), key,
+                                                  self.train))
       self.runner.close()
       self.compiled = True
     budget = epochs * self.steps_per_epoch
@@ -206,12 +258,14 @@ class _Runner:
                               float(jnp.mean(metrics.gain_ratio))))
       bar.set_postfix(loss=f"{curve[-1]['train_loss']:.4f}",
                       r=f"{curve[-1]['gain_ratio']:.2f}")
-      if self.method != "usgd" and self._tau(state) >= budget:
+      if self.method in BOOSTED and self._tau(state) >= budget:
         schedule_end = epoch
         break
     self.runner.close()
+    steps = int(state.step)
     run = {"seed": seed, "curve": curve, "block_size": self.block_size,
-           "schedule_end_epoch": schedule_end}
+           "schedule_end_epoch": schedule_end, "steps": steps,
+           "ms_per_step": 1e3 * wall / max(steps, 1)}
     if self.method == "rais":
       run["c"] = np.asarray(state.sampler.c).tolist()
       run["d"] = np.asarray(state.sampler.d).tolist()
@@ -286,8 +340,25 @@ def summarise(runs: dict[str, dict[str, dict]]) -> dict:
                          ("usgd_at_equal_epochs", usgd_equal)):
       entry[name] = {key: _stats([p[key] for p in points], reached=False)
                      for key in ("train_loss", "test_accuracy")}
+    if all("ms_per_step" in by_seed[s] for s in ran):
+      entry["ms_per_step"] = _stats([by_seed[s]["ms_per_step"] for s in ran],
+                                    reached=False)
     summary["methods"][method] = entry
+  summary["ranking"] = ranking(summary["methods"])
   return summary
+
+
+def ranking(methods: dict[str, dict]) -> dict[str, list[str]]:
+  """Methods ordered by wall-clock to the target (more seeds reaching it
+  first, then the median time of those that did) and by median final test
+  accuracy (highest first)."""
+  def wall(name):
+    e = methods[name]["wall_clock_s"]
+    return (-int(e["reached"].split("/")[0]), e.get("median", math.inf))
+  def accuracy(name):
+    return -methods[name]["final_test_accuracy"].get("median", -math.inf)
+  return {"wall_clock_to_target": sorted(methods, key=wall),
+          "final_test_accuracy": sorted(methods, key=accuracy)}
 
 
 def environment() -> dict:
@@ -364,19 +435,23 @@ def format_summary(summary: dict) -> str:
     return summary.get("note", "")
   fmt = format_stats
   lines = ["target: U-SGD's final training loss per seed; median [min, max] "
-           "over seeds; RAIS and O-SGD stop when their schedule's budget (epochs "
-           "equivalent) is spent",
-           f"{'method':6s} {'reached':>7s} {'epochs to target':>18s} "
+           "over seeds; RAIS, O-SGD and naive stop when their schedule's budget "
+           "(epochs equivalent) is spent",
+           f"{'method':18s} {'reached':>7s} {'epochs to target':>18s} "
            f"{'wall-clock to target (s)':>26s} {'speed-up (epochs)':>20s} "
            f"{'speed-up (wall-clock)':>22s} {'epochs run':>20s} "
-           f"{'final test acc':>22s} {'U-SGD acc, same epochs':>24s}"]
+           f"{'ms per step':>20s} {'final test acc':>22s} "
+           f"{'U-SGD acc, same epochs':>24s}"]
   for method, e in summary["methods"].items():
     lines.append(
-        f"{method:6s} {e['epoch']['reached']:>7s} {fmt(e['epoch'], '.1f'):>18s} "
+        f"{method:18s} {e['epoch']['reached']:>7s} {fmt(e['epoch'], '.1f'):>18s} "
         f"{fmt(e['wall_clock_s'], '.2f'):>26s} "
         f"{fmt(e['speedup_epoch'], '.2f'):>20s} "
         f"{fmt(e['speedup_wall_clock_s'], '.2f'):>22s} "
         f"{fmt(e['epochs_run'], '.1f'):>20s} "
+        f"{fmt(e.get('ms_per_step', {}), '.3f'):>20s} "
         f"{fmt(e['final_test_accuracy'], '.3f'):>22s} "
         f"{fmt(e['usgd_at_equal_epochs']['test_accuracy'], '.3f'):>24s}")
+  for name, order in summary.get("ranking", {}).items():
+    lines.append(f"ranked by {name.replace('_', ' ')}: {' > '.join(order)}")
   return "\n".join(lines)

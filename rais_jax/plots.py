@@ -9,8 +9,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_COLOURS = {"usgd": "tab:blue", "rais": "tab:orange", "osgd": "tab:green"}
-_LABELS = {"usgd": "U-SGD", "rais": "RAIS-SGD", "osgd": "O-SGD (oracle)"}
+_COLOURS = {"usgd": "tab:blue", "rais": "tab:orange", "osgd": "tab:green",
+            "naive": "tab:red", "loss-is": "tab:purple",
+            "selective-backprop": "tab:brown", "infobatch": "tab:pink"}
+_LABELS = {"usgd": "U-SGD", "rais": "RAIS-SGD", "osgd": "O-SGD (oracle)",
+           "naive": "naive IS (last norms)", "loss-is": "loss IS",
+           "selective-backprop": "Selective-Backprop", "infobatch": "InfoBatch"}
 
 
 def _curves(ax, results: dict, x: str, y: str, *, log: bool = False) -> None:

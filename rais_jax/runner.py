@@ -32,7 +32,7 @@ argument; ``"sync"`` waits for each solve. The two give bit-identical runs.
 :meth:`Runner.block` is one whole block with its period work as ``lax.cond``s,
 pure, for a ``lax.scan`` over blocks in one program (with ``solved=None`` it
 solves (PT) in-graph); on the CPU that is bit-identical too.
-The block keys are ``fold_in(key, step // K)``, so a run resumed from a
+The block keys are ``fold_in(key, step)``, so a run resumed from a
 checkpoint at any block boundary continues bit-identically.
 
 Reference: Johnson & Guestrin, NeurIPS 2018.
@@ -56,6 +56,7 @@ from rais_jax import gain_ratio as gain_ratio_lib
 from rais_jax import norms as norms_lib
 from rais_jax import records as records_lib
 from rais_jax import pt_service
+from rais_jax import selection
 from rais_jax.transform import check_gain_ratio_consumed
 from rais_jax.sampler import Sampler
 from rais_jax.train import (LossHead, ModelFn, StepMetrics, all_exact_norms,
@@ -69,7 +70,7 @@ PyTree = Any
 class RunnerState:
   params: PyTree
   opt_state: optax.OptState
-  sampler: PyTree  # block_sampler.RobustState or UniformState
+  sampler: PyTree  # block_sampler.RobustState / UniformState, or a selection state
   moments: gain_ratio_lib.GainRatioState  # the gain ratio's EMAs
   step: chex.Array  # int32 steps taken (a multiple of K between blocks)
   skipped_steps: chex.Array  # int32 steps whose update was not finite
@@ -104,6 +105,10 @@ class Runner:
     self.config, self.block_size = config, k
     self.num_examples, self.batch_size = config.num_examples, config.batch_size
     self.pt_enabled = config.kind == "rais" and config.pt_period > 0
+    # Period work at block boundaries ((PT), the oracle's refresh) needs runs
+    # in whole blocks; the others may end a run with shorter blocks.
+    self.whole_blocks = self.pt_enabled or config.kind == "oracle"
+    self._lib = selection if config.kind in selection.KINDS else bs
     blocks = lambda steps: max(1, math.ceil(steps / k))
     self.pt_period = k * blocks(config.pt_period)
     self.pt_delay = k * min(blocks(config.pt_delay), self.pt_period // k)
@@ -116,7 +121,9 @@ class Runner:
     self._batch_sharding = batch_sharding
     # The state is donated: the O(n) sampler arrays are updated in place.
     self._jitted = {name: jax.jit(getattr(self, name), donate_argnums=0)
-                    for name in ("steps", "refresh", "deliver", "submit")}
+                    for name in ("refresh", "deliver", "submit", "plan")}
+    self._jitted["steps"] = jax.jit(self.steps, donate_argnums=0,
+                                    static_argnames="num_steps")
 
   # -- pure functions ------------------------------------------------------
 
@@ -130,7 +137,8 @@ class Runner:
     """
     params = jax.tree.map(jnp.copy, params)
     state = RunnerState(params=params, opt_state=self.optimizer.init(params),
-                        sampler=bs.init(self.config), moments=gain_ratio_lib.init(),
+                        sampler=self._lib.init(self.config),
+                        moments=gain_ratio_lib.init(),
                         step=jnp.zeros((), jnp.int32),
                         skipped_steps=jnp.zeros((), jnp.int32))
     return jax.device_put(state, jax.local_devices()[0])
@@ -145,7 +153,7 @@ class Runner:
 
   def _gain_ratio(self, moments: gain_ratio_lib.GainRatioState) -> chex.Array:
     cfg = self.config
-    if cfg.kind == "uniform":
+    if not cfg.measures:
       return jnp.ones((), jnp.float32)
     return gain_ratio_lib.estimate(moments, cfg.batch_size, alpha=cfg.ema_rate,
                                    r_max=cfg.r_max,
@@ -164,27 +172,45 @@ class Runner:
     return gain_ratio_lib.exact(norms, probs, optax.tree.norm(grads, squared=True),
                                 self.batch_size)
 
-  def _step(self, data: PyTree, carry, drawn: bs.Sample, *, guarded: bool):
-    """One SGD step of the block's scan: no branch, no callback.
-
-    ``guarded`` selects the old parameters and optimizer state when the
-    step's loss or gradient is not finite; the fast scan leaves that out (a
-    select keeps both versions alive, which costs a copy of the optimizer
-    state every step) and the block re-runs guarded only when needed.
-    """
-    params, opt_state, moments, skipped = carry
-    cfg = self.config
-    batch = jax.tree.map(lambda x: x[drawn.indices], data)
+  def _gather(self, data: PyTree, indices: chex.Array) -> PyTree:
+    batch = jax.tree.map(lambda x: x[indices], data)
     if self._batch_sharding is not None:
       batch = jax.lax.with_sharding_constraint(batch, self._batch_sharding)
+    return batch
+
+  def _step(self, data: PyTree, context, carry, drawn, *, guarded: bool):
+    """One SGD step of the block's scan: no branch, no callback.
+
+    ``context`` is the sampler state at the block's start (InfoBatch reads
+    its schedule advance); Selective-Backprop's small state (its loss
+    history) is in the carry instead, updated every step. ``guarded``
+    selects the old parameters and optimizer state when the step's loss or
+    gradient is not finite; the fast scan leaves that out (a select keeps
+    both versions alive, which costs a copy of the optimizer state every
+    step) and the block re-runs guarded only when needed.
+
+    Returns the carry and (what the sampler folds in, the step's metrics).
+    """
+    params, opt_state, moments, skipped, stepwise = carry
+    cfg = self.config
+    if cfg.kind == "selective":  # forward the candidates, keep high losses
+      candidate_losses = self._loss_fn(params, self._gather(data, drawn.indices))
+      slots, valid = selection.select(cfg, stepwise.history, candidate_losses,
+                                      drawn.uniforms)
+      kept = valid.sum(dtype=jnp.int32)
+      stepwise = selection.record_step(cfg, stepwise, candidate_losses, kept)
+      indices = drawn.indices[slots]
+      weights = valid * (self.batch_size / jnp.maximum(kept, 1))
+    else:
+      indices, weights = drawn.indices, drawn.weights
     grads, u, inner, losses = measured_gradient(
-        self._model_fn, self._loss_head, params, batch, drawn.weights,
-        norms=self._norms, exact_method=self._exact_method)
-    loss = jnp.mean(drawn.weights * losses)
+        self._model_fn, self._loss_head, params, self._gather(data, indices),
+        weights, norms=self._norms, exact_method=self._exact_method)
+    loss = jnp.mean(weights * losses)
     # r comes from past steps only, so this step's noise does not set its own
     # learning rate.
     r = self._gain_ratio(moments)
-    if cfg.kind == "uniform" and not guarded:
+    if not cfg.measures and not guarded:
       # ‖g‖² is a pass over the gradient that only the gain ratio needs; the
       # block's final check catches a non-finite gradient behind a finite loss.
       grad_sq_norm = jnp.full((), jnp.nan, jnp.float32)
@@ -192,22 +218,31 @@ class Runner:
     else:
       grad_sq_norm = optax.tree.norm(grads, squared=True)
       applied = jnp.isfinite(loss) & jnp.isfinite(grad_sq_norm)
-    if cfg.kind != "uniform":
+    if cfg.measures:
       moments = gain_ratio_lib.update(
           moments, u, drawn.probs, cfg.num_examples, grad_sq_norm,
           grad_halves_inner=inner, alpha=cfg.ema_rate)
+    extra = ({"schedule_advance": context.schedule_advance}
+             if cfg.kind == "infobatch" else {})
     updates, new_opt_state = self.optimizer.update(grads, opt_state, params,
-                                                   gain_ratio=r)
+                                                   gain_ratio=r, **extra)
     new_params = optax.apply_updates(params, updates)
     if guarded:
       new_params = _tree_select(applied, new_params, params)
       new_opt_state = _tree_select(applied, new_opt_state, opt_state)
       skipped = skipped + (~applied).astype(jnp.int32)
-    carry = (new_params, new_opt_state, moments, skipped)
-    return carry, (u, StepMetrics(loss=loss, gain_ratio=r,
-                                  grad_sq_norm=grad_sq_norm, applied=applied))
+    carry = (new_params, new_opt_state, moments, skipped, stepwise)
+    if cfg.kind == "selective":
+      measured = None  # recorded in the carry
+    elif cfg.kind in ("loss", "infobatch"):
+      measured = losses
+    else:
+      measured = u
+    return carry, (measured, StepMetrics(loss=loss, gain_ratio=r,
+                                         grad_sq_norm=grad_sq_norm,
+                                         applied=applied))
 
-  def _scan(self, data: PyTree, carry, drawn: bs.Sample):
+  def _scan(self, data: PyTree, context, carry, drawn):
     """The K steps: fast, then re-run guarded if anything was not finite.
 
     The fast scan is accepted when every step's loss (and ‖g‖²) is finite and
@@ -219,7 +254,7 @@ class Runner:
     parameters per block, and the ``cond`` runs once per block.
     """
     fast, out = jax.lax.scan(
-        functools.partial(self._step, data, guarded=False), carry, drawn)
+        functools.partial(self._step, data, context, guarded=False), carry, drawn)
     _, metrics = out
     finite = jax.tree.leaves(jax.tree.map(
         lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
@@ -227,44 +262,55 @@ class Runner:
     ok = jnp.all(metrics.applied) & jnp.all(jnp.stack(finite))
     return jax.lax.cond(
         ok, lambda: (fast, out),
-        lambda: jax.lax.scan(functools.partial(self._step, data, guarded=True),
-                             carry, drawn))
+        lambda: jax.lax.scan(functools.partial(self._step, data, context,
+                                               guarded=True), carry, drawn))
 
   def _refresh_oracle(self, sampler_state, params, data):
     return bs.refresh(self.config, sampler_state, all_exact_norms(
         self._loss_fn, params, data, chunk_size=self._oracle_chunk,
         method=self._exact_method))
 
-  def steps(self, state: RunnerState, key: chex.PRNGKey, data: PyTree
-            ) -> tuple[RunnerState, StepMetrics]:
+  def steps(self, state: RunnerState, key: chex.PRNGKey, data: PyTree, *,
+            num_steps: Optional[int] = None) -> tuple[RunnerState, StepMetrics]:
     """The K steps of a block without the period work: draw, scan, fold in.
 
-    Pure and jit-able. :meth:`run` calls it between the period-work
-    functions (:meth:`refresh`, :meth:`deliver`, :meth:`submit`) at the
-    block boundaries the static schedule names, so no ``cond`` has to carry
-    the O(n) sampler state (XLA copies a conditional's operands).
+    Pure and jit-able (``num_steps``, static, default K, sets the block's
+    length). :meth:`run` calls it between the period-work functions
+    (:meth:`refresh`, :meth:`deliver`, :meth:`submit`) at the block
+    boundaries the static schedule names, so no ``cond`` has to carry the
+    O(n) sampler state (XLA copies a conditional's operands).
     """
     check_data(data, self.num_examples)
-    cfg, k, m = self.config, self.block_size, self.batch_size
+    cfg, m = self.config, self.batch_size
+    k = self.block_size if num_steps is None else num_steps
     if cfg.measures:
       check_gain_ratio_consumed(self.optimizer, state.params)
     norms_lib.check_loss_fn(
         self._loss_fn, state.params,
         jax.tree.map(lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype),
                      data))
-    drawn = bs.draw(cfg, state.sampler, key, (k, m))
-    carry = (state.params, state.opt_state, state.moments, state.skipped_steps)
-    carry, (norms, metrics) = self._scan(data, carry, drawn)
-    params, opt_state, moments, skipped = carry
+    drawn = self._lib.draw(cfg, state.sampler, key, (k, m))
+    stepwise = state.sampler if cfg.kind == "selective" else None
+    carry = (state.params, state.opt_state, state.moments, state.skipped_steps,
+             stepwise)
+    carry, (measured, metrics) = self._scan(data, state.sampler, carry, drawn)
+    params, opt_state, moments, skipped, stepwise = carry
+    sampler = state.sampler if stepwise is None else stepwise
     return RunnerState(
         params=params, opt_state=opt_state,
-        sampler=bs.fold_in(cfg, state.sampler, drawn, norms), moments=moments,
-        step=state.step + k, skipped_steps=skipped), metrics
+        sampler=self._lib.fold_in(cfg, sampler, drawn, measured),
+        moments=moments, step=state.step + k, skipped_steps=skipped), metrics
 
   def refresh(self, state: RunnerState, data: PyTree) -> RunnerState:
     """O-SGD: recompute the oracle's exact norms of all n examples."""
     return state.replace(sampler=self._refresh_oracle(state.sampler, state.params,
                                                       data))
+
+  def plan(self, state: RunnerState, key: chex.PRNGKey) -> RunnerState:
+    """InfoBatch: the next epoch's examples, order and weights (from ``key``
+    and the epoch's number)."""
+    key = jax.random.fold_in(key, state.sampler.epoch)
+    return state.replace(sampler=selection.plan(self.config, state.sampler, key))
 
   def deliver(self, state: RunnerState, solved: Optional[tuple] = None
               ) -> RunnerState:
@@ -301,7 +347,7 @@ class Runner:
 
     Args:
       state: a :class:`RunnerState` at a block boundary.
-      key: this block's key (``run`` uses ``fold_in(key, step // K)``).
+      key: this block's key (``run`` uses ``fold_in(key, step)``).
       data: the training set, leading axis n, on device.
       solved: the (c, d, info) of the (PT) solve due at the end of this
         block; None solves it in-graph.
@@ -322,22 +368,30 @@ class Runner:
 
   # -- host driver ---------------------------------------------------------
 
+  def _block_lengths(self, num_steps: int) -> list[int]:
+    """Blocks of K, then the rest in blocks of powers of two (at most
+    log₂ K + 1 programs to compile)."""
+    k, rest = self.block_size, num_steps % self.block_size
+    return [k] * (num_steps // k) + [1 << b for b in reversed(range(k.bit_length()))
+                                     if rest & (1 << b)]
+
   def run(self, state: RunnerState, key: chex.PRNGKey, data: PyTree,
           num_steps: int) -> tuple[RunnerState, StepMetrics]:
-    """``num_steps`` (a multiple of K) steps, block by block, with the period
-    work at the block boundaries of the static schedule and (PT) solves
-    handed to the service.
+    """``num_steps`` steps, block by block, with the period work at the block
+    boundaries of the static schedule and (PT) solves handed to the service.
 
+    RAIS with (PT) and O-SGD run whole blocks only (``num_steps`` a multiple
+    of K); the other methods end with shorter blocks where needed.
     ``state`` is donated (its buffers are reused in place): continue from
     the returned state. The host reads the device once per call and once per
     (PT) period (the snapshot's key); otherwise it only dispatches.
     """
     k = self.block_size
-    if num_steps % k:
+    step = int(state.step)
+    if self.whole_blocks and num_steps % k:
       raise ValueError(f"num_steps ({num_steps}) must be a multiple of the "
                        f"block size K = {k}.")
-    step = int(state.step)
-    if step % k:
+    if self.whole_blocks and step % k:
       raise ValueError(f"state.step ({step}) is not at a block boundary of K = {k}.")
     due_key = None
     if self.service is not None:
@@ -348,13 +402,13 @@ class Runner:
         self.service.submit(state.sampler.pending)
     jitted = self._jitted
     metrics = []
-    for _ in range(num_steps // k):
+    for length in self._block_lengths(num_steps):
       if self.config.kind == "oracle" and self._refresh_due(step):
         state = jitted["refresh"](state, data)
       state, block_metrics = jitted["steps"](
-          state, jax.random.fold_in(key, step // k), data)
+          state, jax.random.fold_in(key, step), data, num_steps=length)
       metrics.append(block_metrics)
-      step += k
+      step += length
       if self.service is None:
         continue
       if due_key is not None and due_key[2] == step:
@@ -369,12 +423,30 @@ class Runner:
           due_key = key_now
     return state, jax.tree.map(lambda *x: jnp.concatenate(x), *metrics)
 
+  def run_epoch(self, state: RunnerState, key: chex.PRNGKey, data: PyTree
+                ) -> tuple[RunnerState, StepMetrics]:
+    """One epoch: n // m steps of :meth:`run`; for InfoBatch the epoch it
+    plans first (its pruned data: one read of the step count)."""
+    num_steps = self.num_examples // self.batch_size
+    if self.config.kind == "infobatch":
+      state = self._jitted["plan"](state, key)
+      num_steps = int(state.sampler.epoch_steps)
+    return self.run(state, key, data, num_steps)
+
   def warm_up(self, params: PyTree, data: PyTree) -> None:
     """Compiles every program :meth:`run` may call (one block, the period
-    work, the (PT) solver) on a throwaway state, so that timing a run
-    afterwards does not include compilation."""
+    work, the (PT) solver; InfoBatch's plan and shorter blocks) on a
+    throwaway state, so that timing a run afterwards does not include
+    compilation."""
     state = self.init(params)
-    state, _ = self._jitted["steps"](state, jax.random.key(0), data)
+    lengths = {self.block_size}
+    if self.config.kind == "infobatch":
+      state = self._jitted["plan"](state, jax.random.key(0))
+      lengths |= {1 << b for b in range(self.block_size.bit_length())
+                  if 1 << b < self.block_size}
+    for length in sorted(lengths):
+      state, _ = self._jitted["steps"](state, jax.random.key(0), data,
+                                       num_steps=length)
     if self.config.kind == "oracle":
       state = self._jitted["refresh"](state, data)
     if self.service is not None:

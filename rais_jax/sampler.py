@@ -49,8 +49,13 @@ from rais_jax import block_sampler as bs
 from rais_jax import gain_ratio as gain_ratio_lib
 from rais_jax import pt_service
 from rais_jax import records as records_lib
+from rais_jax import selection
 from rais_jax.block_sampler import Diagnostics, Sample, SamplerConfig
 from rais_jax.features import FeatureMap
+
+# The kinds the per-step API (make_train_step) serves; the baselines of
+# rais_jax.compare run on the fast path (make_runner) only.
+PER_STEP_KINDS = ("rais", "uniform", "oracle")
 
 
 @struct.dataclass
@@ -186,6 +191,27 @@ def _placeholder_state(config: SamplerConfig) -> bs.RobustState:
       pending=bs.empty_pending(1, 1, zeros(), zeros()), diagnostics=Diagnostics.zeros())
 
 
+def fast_path_only(kind: str) -> str:
+  return (f"the {kind!r} sampler runs on the fast path only: train with "
+          "rais_jax.make_runner (make_train_step and the per-step Sampler "
+          f"functions serve {', '.join(PER_STEP_KINDS)} samplers).")
+
+
+def _fast_path_sampler(config: SamplerConfig) -> Sampler:
+  """A baseline's Sampler: its config for make_runner; the per-step functions
+  raise one clear error (``probabilities`` works for the point estimates)."""
+  def unsupported(*args, **kwargs):
+    raise ValueError(fast_path_only(config.kind))
+  probabilities = (functools.partial(bs.probabilities, config)
+                   if config.kind in bs.POINT_KINDS else unsupported)
+  return Sampler(init=unsupported, sample=unsupported, update=unsupported,
+                 gain_ratio=unsupported, probabilities=probabilities,
+                 set_parameters=unsupported, refresh=None,
+                 num_examples=config.num_examples, batch_size=config.batch_size,
+                 feature_names=tuple(config.feature_map.names), pt_mode="sync",
+                 config=config, close=lambda: None)
+
+
 def _check_common(num_examples: int, batch_size: int, floor: float) -> None:
   if num_examples < 1:
     raise ValueError(f"the dataset must have n ≥ 1 examples; got {num_examples}.")
@@ -290,3 +316,99 @@ def _constant_feature(n: int) -> FeatureMap:
       num_examples=n, names=("constant",), init=lambda: jnp.zeros((), jnp.int32),
       compute=lambda s, idx=None: jnp.ones(((n if idx is None else idx.shape[0]), 1)),
       update=lambda s, idx, norms, valid: s)
+
+
+def _last_value(n: int, name: str) -> FeatureMap:
+  """One value per example, −1 until measured (the fold-in writes it)."""
+  return FeatureMap(
+      num_examples=n, names=(name,),
+      init=lambda: jnp.full((n,), -1.0, jnp.float32),
+      compute=lambda s, idx=None: (s if idx is None else s[idx])[..., None],
+      update=lambda s, idx, values, valid: s)
+
+
+def naive_sampler(num_examples: int, *, batch_size: int, floor: float = 1e-3,
+                  ema_rate: float = 0.1, r_max: Optional[float] = None) -> Sampler:
+  """Naive importance sampling: p_i ∝ the last measured gradient norm of i.
+
+  The ablation of RAIS's robust set: the point estimate plugged into p,
+
+      p_i = (1 − ε) v_i / Σ_j v_j + ε / n,
+
+  v_i the norm measured the last time i was drawn (never-drawn examples at
+  the mean of the measured ones), with RAIS's floor ε, its gain ratio and
+  its schedule by τ. Fast path (:func:`rais_jax.make_runner`) only.
+  """
+  _check_common(num_examples, batch_size, floor)
+  return _fast_path_sampler(SamplerConfig(
+      kind="naive", feature_map=_last_value(num_examples, "last norm"),
+      batch_size=batch_size, floor=floor, ema_rate=ema_rate, r_max=r_max))
+
+
+def loss_sampler(num_examples: int, *, batch_size: int,
+                 floor: float = 1e-3) -> Sampler:
+  """Loss-based importance sampling: p_i ∝ the last seen loss of i.
+
+  The loss variant of Katharopoulos & Fleuret (ICML 2018), without their
+  presampling: p_i = (1 − ε) ℓ_i / Σ_j ℓ_j + ε / n with the loss of i when it
+  was last drawn (never-drawn examples at the mean), unbiased weights
+  1/(n p_i), and the plain learning rate (gain ratio 1: no norms are
+  measured). Losses must be ≥ 0 (negative ones are skipped and counted).
+  Fast path (:func:`rais_jax.make_runner`) only.
+  """
+  _check_common(num_examples, batch_size, floor)
+  return _fast_path_sampler(SamplerConfig(
+      kind="loss", feature_map=_last_value(num_examples, "last loss"),
+      batch_size=batch_size, floor=floor))
+
+
+def selective_backprop(num_examples: int, *, batch_size: int, beta: float = 1.0,
+                       history_size: int = 1024) -> Sampler:
+  """Selective-Backprop (Jiang et al., 2019): backpropagate the high-loss
+  examples among ⌈(β + 1) m⌉ uniform candidates (see :mod:`rais_jax.selection`).
+
+  Args:
+    num_examples: n.
+    batch_size: m, the examples backpropagated per step.
+    beta: β, the selectivity: a candidate is kept with probability F(L)^β
+      (β = 1, 2, 3 keep about 1/2, 1/3, 1/4; the paper uses these).
+    history_size: R, the recent losses F is taken over (1024 in the paper's code).
+  """
+  _check_common(num_examples, batch_size, 1.0)
+  if beta <= 0:
+    raise ValueError(f"beta must be > 0; got {beta}.")
+  if history_size < 1:
+    raise ValueError(f"history_size must be ≥ 1; got {history_size}.")
+  return _fast_path_sampler(SamplerConfig(
+      kind="selective", feature_map=_constant_feature(num_examples),
+      batch_size=batch_size, floor=1.0, beta=beta, history_size=history_size,
+      candidates=selection.num_candidates(beta, batch_size)))
+
+
+def infobatch(num_examples: int, *, batch_size: int, num_epochs: int,
+              prune_ratio: float = 0.5, anneal: float = 0.875) -> Sampler:
+  """InfoBatch (Qin et al., ICLR 2024): each epoch, leave out a random
+  fraction of the below-mean-loss examples and up-weight the rest of them
+  (see :mod:`rais_jax.selection`). Train epoch by epoch with
+  :meth:`rais_jax.Runner.run_epoch`.
+
+  Args:
+    num_examples: n.
+    batch_size: m.
+    num_epochs: E, the run's epochs (the annealing starts after ⌊δ E⌋).
+    prune_ratio: r, the fraction of the below-mean examples left out.
+    anneal: δ: the epochs after the first ⌊δ E⌋ use the full data.
+  """
+  _check_common(num_examples, batch_size, 1.0)
+  if batch_size > num_examples:
+    raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} examples.")
+  if num_epochs < 1:
+    raise ValueError(f"num_epochs must be ≥ 1; got {num_epochs}.")
+  if not 0.0 <= prune_ratio < 1.0:
+    raise ValueError(f"prune_ratio must lie in [0, 1); got {prune_ratio}.")
+  if not 0.0 <= anneal <= 1.0:
+    raise ValueError(f"anneal must lie in [0, 1]; got {anneal}.")
+  return _fast_path_sampler(SamplerConfig(
+      kind="infobatch", feature_map=_constant_feature(num_examples),
+      batch_size=batch_size, floor=1.0, prune_ratio=prune_ratio, anneal=anneal,
+      num_epochs=num_epochs))

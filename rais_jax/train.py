@@ -37,7 +37,7 @@ from flax import struct
 
 from rais_jax import norms as norms_lib
 from rais_jax import transform
-from rais_jax.sampler import Sampler, SamplerState
+from rais_jax.sampler import PER_STEP_KINDS, Sampler, SamplerState, fast_path_only
 
 PyTree = Any
 ModelFn = Callable[[PyTree, PyTree], chex.Array]
@@ -265,6 +265,8 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
   Returns:
     The step function.
   """
+  if sampler.config.kind not in PER_STEP_KINDS:
+    raise ValueError(fast_path_only(sampler.config.kind))
   norms = check_norms(norms, exact_method, sampler)
   optimizer = optax.with_extra_args_support(optimizer)
   scale_free = norms == "proxy"

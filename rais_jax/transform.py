@@ -40,7 +40,10 @@ def scale_by_gain_ratio(
   (the schedule of that optimizer then counts plain steps).
 
   The gain ratio is the keyword extra argument ``gain_ratio`` of ``update``
-  (default 1, i.e. plain SGD).
+  (default 1, i.e. plain SGD). ``schedule_advance`` (default: r) sets how far
+  τ moves instead, without changing the step size: InfoBatch
+  (:mod:`rais_jax.selection`) passes (n/m)/s in an epoch pruned to s steps, so
+  that its schedule stays indexed by data epochs.
 
   Args:
     learning_rate: a scalar or an ``optax.Schedule`` evaluated at τ.
@@ -59,15 +62,18 @@ def scale_by_gain_ratio(
   def update_fn(updates: optax.Updates, state: ScaleByGainRatioState,
                 params: Optional[optax.Params] = None, *,
                 gain_ratio: chex.Numeric = 1.0,
+                schedule_advance: Optional[chex.Numeric] = None,
                 **extra_args: Any) -> tuple[optax.Updates, ScaleByGainRatioState]:
     del params, extra_args
     r = jnp.asarray(gain_ratio, jnp.float32)
+    advance = r if schedule_advance is None else jnp.asarray(schedule_advance,
+                                                             jnp.float32)
     lr = learning_rate(state.tau) if callable(learning_rate) else learning_rate
     step_size = sign * r * lr
     updates = jax.tree.map(
         lambda u: (step_size * u).astype(u.dtype), updates)
     return updates, ScaleByGainRatioState(
-        count=optax.safe_increment(state.count), tau=state.tau + r)
+        count=optax.safe_increment(state.count), tau=state.tau + advance)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -21,10 +21,15 @@ def classification(n: int, classes: int):
 
 def sampler(method: str, labels, classes: int, batch_size: int, *,
             buffer_size: int, mode: str = "async") -> rj.Sampler:
-  """The sampler of U-SGD ("usgd"), O-SGD ("osgd") or RAIS ("rais")."""
+  """The sampler of U-SGD ("usgd"), O-SGD ("osgd"), RAIS ("rais") or the
+  importance-sampling baselines ("naive", "loss-is")."""
   n = len(labels)
   if method == "usgd":
     return rj.uniform_sampler(n, batch_size=batch_size)
+  if method == "naive":
+    return rj.naive_sampler(n, batch_size=batch_size, floor=0.3)
+  if method == "loss-is":
+    return rj.loss_sampler(n, batch_size=batch_size, floor=0.3)
   if method == "osgd":
     return rj.oracle_sampler(n, batch_size=batch_size)
   return rj.rais_sampler(rj.default_features(labels, classes), batch_size=batch_size,

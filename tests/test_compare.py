@@ -103,6 +103,54 @@ def test_cli_end_to_end_all_methods(tmp_path):
     assert (tmp_path / name).stat().st_size > 0
 
 
+def test_cli_end_to_end_baselines(tmp_path):
+  """naive, loss-is, Selective-Backprop and InfoBatch beside U-SGD: curves,
+  per-step cost, their counters, and the rankings."""
+  methods = ["usgd", "naive", "loss-is", "selective-backprop", "infobatch"]
+  results = cli.run(["compare", "--epochs", "4", "--num-samples", "400", "--hidden", "16",
+                     "--seeds", "0", "--batch-size", "32", "--methods", ",".join(methods),
+                     "--is-floor", "0.3", "--sb-beta", "2", "--infobatch-delta", "0.5",
+                     "--out", str(tmp_path), "--no-plots"])
+  runs = results["runs"]
+  assert list(runs) == methods
+  steps_per_epoch = 320 // 32
+  for method, by_seed in runs.items():
+    run = by_seed["0"]
+    assert run["steps"] > 0 and run["ms_per_step"] > 0
+    assert all(np.isfinite(p["train_loss"]) for p in run["curve"])
+    last = run["curve"][-1]
+    if method == "selective-backprop":  # (β + 1) m = 96 candidates per step
+      assert last["forwarded"] == 4 * steps_per_epoch * 96
+      assert 0 < last["backpropagated"] <= 4 * steps_per_epoch * 32
+    if method == "infobatch":  # epochs 2 pruned; 3, 4 full (δ = 0.5)
+      assert 0 < run["steps"] < 4 * steps_per_epoch and last["pruned"] > 0
+      assert abs(last["epochs_equivalent"] - 4) < 1e-4
+      assert len(run["curve"]) == 5 and last["epoch"] < 4
+    if method in ("usgd", "loss-is", "selective-backprop"):
+      assert run["steps"] == 4 * steps_per_epoch
+  summary = results["summary"]
+  for order in summary["ranking"].values():
+    assert sorted(order) == sorted(methods)
+  accuracy = [summary["methods"][m]["final_test_accuracy"]["median"]
+              for m in summary["ranking"]["final_test_accuracy"]]
+  assert accuracy == sorted(accuracy, reverse=True)
+  assert "ranked by wall clock to target" in compare.format_summary(summary)
+
+
+def test_ranking_on_hand_made_summaries():
+  methods = {
+      "a": {"wall_clock_s": {"reached": "1/2", "median": 1.0},
+            "final_test_accuracy": {"median": 0.7}},
+      "b": {"wall_clock_s": {"reached": "2/2", "median": 3.0},
+            "final_test_accuracy": {"median": 0.9}},
+      "c": {"wall_clock_s": {"reached": "2/2", "median": 2.0},
+            "final_test_accuracy": {"median": 0.8}},
+      "d": {"wall_clock_s": {"reached": "0/2"}, "final_test_accuracy": {"median": 0.1}},
+  }
+  assert compare.ranking(methods) == {"wall_clock_to_target": ["c", "b", "a", "d"],
+                                      "final_test_accuracy": ["b", "c", "a", "d"]}
+
+
 def test_cli_npz_dataset_with_cnn(tmp_path):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(96, 8, 8)).astype(np.float32)
@@ -121,6 +169,8 @@ def test_cli_npz_dataset_with_cnn(tmp_path):
     (["--seeds", "a,b"], "comma-separated integers"),
     (["--dataset", "npz:/nonexistent.npz"], "does not exist"),
     (["--epochs", "0"], "epochs must be"),
+    (["--is-floor", "0"], "is_floor must lie"),
+    (["--infobatch-ratio", "1"], "infobatch_ratio must lie"),
 ])
 def test_cli_errors(tmp_path, argv, message, capsys):
   with pytest.raises(SystemExit) as exc:

@@ -194,7 +194,7 @@ def test_fold_in_matches_per_step_updates_without_duplicates():
 # -- training, (PT) hand-off ------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["usgd", "rais", "osgd"])
+@pytest.mark.parametrize("method", ["usgd", "rais", "osgd", "naive", "loss-is"])
 def test_methods_train(problem, method):
   data, model_fn, params, _ = problem
   state, metrics, runner = _run(problem, 160, method=method)
@@ -207,8 +207,11 @@ def test_methods_train(problem, method):
   r = np.asarray(metrics.gain_ratio)
   assert np.all((r >= 1) & (r <= M))
   assert int(state.step) == 160 and int(state.skipped_steps) == 0
-  if method == "usgd":
+  if method in ("usgd", "loss-is"):
     assert np.all(r == 1)
+  if method in ("naive", "loss-is"):  # every example drawn has its last value
+    seen = np.asarray(state.sampler.features) >= 0
+    assert 0.9 * N < seen.sum() and np.all(np.isfinite(state.sampler.features))
   if method == "rais":
     assert runner.pt_period == 8 and runner.pt_delay == 4
     assert int(state.sampler.diagnostics.pt_solves) >= 15
@@ -227,7 +230,7 @@ def test_async_sync_and_in_graph_runs_are_identical(problem, norms):
   runner = _runner(problem, mode="sync", norms=norms)
   key = jax.random.key(42)
   graph = jax.jit(lambda st: jax.lax.scan(
-      lambda c, b: runner.block(c, jax.random.fold_in(key, b), data), st,
+      lambda c, b: runner.block(c, jax.random.fold_in(key, b * K), data), st,
       jnp.arange(96 // K)))
   g, mg = graph(runner.init(params))
   mg = jax.tree.map(lambda x: x.reshape(-1), mg)

@@ -25,6 +25,18 @@ def test_scales_lr_and_indexes_schedule_by_tau():
   assert float(state.tau) == 5.0 and int(state.count) == 2
 
 
+def test_schedule_advance_moves_tau_without_scaling_the_step():
+  """InfoBatch's pruned epochs: τ advances by ``schedule_advance``, the step
+  size stays lr(τ) · r."""
+  opt = scale_by_gain_ratio(optax.linear_schedule(1.0, 0.0, 10))
+  state = opt.init(PARAMS)
+  updates, state = opt.update(GRADS, state, schedule_advance=2.5)
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -g, GRADS))
+  updates, state = opt.update(GRADS, state, gain_ratio=1.0, schedule_advance=2.5)
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -0.75 * g, GRADS))
+  assert float(state.tau) == 5.0
+
+
 def test_default_gain_ratio_is_plain_sgd():
   opt = rais_sgd(0.1, momentum=0.9)
   ref = optax.sgd(0.1, momentum=0.9)

@@ -1,0 +1,185 @@
+"""Selective-Backprop and InfoBatch (rais_jax.selection): their rules on
+hand-made problems, and on the fast path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import problems
+import rais_jax as rj
+from rais_jax import selection
+
+N, M, CLASSES = 240, 16, 4
+
+
+@pytest.fixture(scope="module")
+def problem():
+  return problems.classification(N, CLASSES)
+
+
+def _runner(problem, sampler, block_size=4):
+  _, model_fn, _, _ = problem
+  return rj.make_runner(model_fn, rj.softmax_cross_entropy_head(),
+                        rj.rais_sgd(0.05, momentum=0.9), sampler, norms=None,
+                        block_size=block_size)
+
+
+# -- Selective-Backprop -------------------------------------------------------
+
+
+def test_keep_probability_is_the_loss_percentile_to_the_beta():
+  config = rj.selective_backprop(100, batch_size=4, beta=2.0, history_size=10).config
+  history = jnp.asarray([1, 2, 3, 4, 5, 6, 7, 8, np.nan, np.nan], jnp.float32)
+  losses = jnp.asarray([0.5, 2.0, 4.5, 8.0, 100.0, np.nan], jnp.float32)
+  p = selection.keep_probabilities(config, history, losses)
+  np.testing.assert_allclose(p, [0.0, (2 / 8) ** 2, (4 / 8) ** 2, 1.0, 1.0, 0.0])
+  empty = jnp.full((10,), jnp.nan, jnp.float32)
+  np.testing.assert_allclose(selection.keep_probabilities(config, empty, losses[:3]), 1.0)
+
+
+def test_selection_frequencies_and_slots():
+  """Over many draws each candidate is kept with frequency P_j (binomial
+  tolerance), and the m slots hold the first kept candidates in order."""
+  m = 8
+  config = rj.selective_backprop(100, batch_size=m, beta=1.0).config
+  assert config.candidates == 16
+  rng = np.random.default_rng(0)
+  history = jnp.asarray(rng.exponential(1.0, 1024), jnp.float32)
+  losses = jnp.asarray(rng.exponential(1.0, 16), jnp.float32)
+  p = np.asarray(selection.keep_probabilities(config, history, losses))
+  uniforms = jax.random.uniform(jax.random.key(1), (20000, 16))
+  slots, valid = jax.vmap(lambda u: selection.select(config, history, losses, u))(uniforms)
+  kept = np.asarray(uniforms) < p
+  freq = kept.mean(0)
+  # 20000 Bernoulli draws per candidate: 5 standard errors.
+  assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / 20000) + 1e-9)
+  slots, valid = np.asarray(slots), np.asarray(valid)
+  for row in range(50):
+    first = np.flatnonzero(kept[row])[:m]
+    assert valid[row].sum() == len(first)
+    np.testing.assert_array_equal(slots[row][:len(first)], first)
+
+
+def test_selective_backprop_on_the_fast_path(problem):
+  data, _, params, _ = problem
+  runner = _runner(problem, rj.selective_backprop(N, batch_size=M, beta=1.0,
+                                                  history_size=64))
+  state, metrics = runner.run(runner.init(params), jax.random.key(0), data, 40)
+  sb = state.sampler
+  assert int(sb.forwarded) == 40 * 32
+  # At most m per step, and most slots filled (about m kept per step).
+  assert 0.6 * 40 * M < int(sb.backpropagated) <= 40 * M
+  assert np.all(np.isfinite(np.asarray(sb.history)))
+  assert np.isfinite(np.asarray(metrics.loss)).all()
+  ev = rj.evaluate(runner._model_fn, rj.softmax_cross_entropy_head(), state.params, data)
+  ev0 = rj.evaluate(runner._model_fn, rj.softmax_cross_entropy_head(), params, data)
+  assert float(ev["loss"]) < 0.5 * float(ev0["loss"])
+
+
+# -- InfoBatch ----------------------------------------------------------------
+
+
+def _planned(scores, *, epoch=1, num_epochs=8, ratio=0.5, seed=0, m=10):
+  config = rj.infobatch(len(scores), batch_size=m, num_epochs=num_epochs,
+                        prune_ratio=ratio).config
+  state = selection.init(config).replace(
+      scores=jnp.asarray(scores, jnp.float32), epoch=jnp.asarray(epoch, jnp.int32))
+  return config, selection.plan(config, state, jax.random.key(seed))
+
+
+def test_infobatch_prunes_a_fraction_of_the_well_learned():
+  """Of the W examples below the mean loss, exactly ⌊(1 − r) W⌋ are kept, with
+  weight 1/(1 − r); the others are all kept with weight 1; the order starts
+  with the kept ones; over many epochs each well-learned example is kept
+  with frequency 1 − r."""
+  rng = np.random.default_rng(0)
+  scores = rng.exponential(1.0, 1000)
+  well = scores < scores.mean()
+  w = int(well.sum())
+  keep_counts = np.zeros(1000)
+  for seed in range(200):
+    config, st = _planned(scores, ratio=0.3, seed=seed)
+    weights, order, kept = np.asarray(st.weights), np.asarray(st.order), int(st.kept)
+    head = np.zeros(1000, bool)
+    head[order[:kept]] = True
+    assert kept == 1000 - w + int(np.floor(0.7 * w))
+    assert head[~well].all()
+    np.testing.assert_allclose(weights[head & well], 1 / 0.7, rtol=1e-6)
+    np.testing.assert_allclose(weights[~(head & well)], 1.0)
+    assert int(st.epoch_steps) == kept // 10
+    np.testing.assert_allclose(float(st.schedule_advance), 100 / (kept // 10), rtol=1e-6)
+    keep_counts += head
+  freq = keep_counts[well] / 200
+  assert abs(freq.mean() - np.floor(0.7 * w) / w) < 1e-9  # exact count each epoch
+  # Per example: binomial(200, 0.7), 5 standard errors.
+  assert np.all(np.abs(freq - 0.7) < 5 * np.sqrt(0.21 / 200))
+
+
+def test_infobatch_epoch_gradient_keeps_its_expectation():
+  """E over the pruning of (1/n) Σ_{i kept} w_i g_i = (1/n) Σ_i g_i."""
+  rng = np.random.default_rng(1)
+  scores = rng.exponential(1.0, 300)
+  grads = rng.normal(size=(300, 3))
+  est = []
+  for seed in range(3000):
+    _, st = _planned(scores, seed=seed)
+    kept = np.zeros(300, bool)
+    kept[np.asarray(st.order)[:int(st.kept)]] = True
+    est.append((kept * np.asarray(st.weights))[:, None] * grads)
+  est = np.asarray(est).mean(1)
+  mean, se = est.mean(0), est.std(0, ddof=1) / np.sqrt(len(est))
+  assert np.all(np.abs(mean - grads.mean(0)) < 4.5 * se), (mean, grads.mean(0), se)
+
+
+def test_infobatch_first_and_annealed_epochs_use_all_data():
+  scores = np.random.default_rng(2).exponential(1.0, 200)
+  _, first = _planned(np.full(200, np.inf), epoch=0)  # nothing seen yet
+  # E = 8, δ = 0.875: epochs 1..7 (⌊δ E⌋ = 7) prune, the 8th does not.
+  _, seventh = _planned(scores, epoch=6)
+  _, last = _planned(scores, epoch=7)
+  for st in (first, last):
+    assert int(st.kept) == 200 and int(st.epoch_steps) == 20
+    np.testing.assert_allclose(st.weights, 1.0)
+    assert float(st.schedule_advance) == 1.0
+  assert int(seventh.kept) < 200
+
+
+def test_infobatch_epochs_on_the_fast_path(problem):
+  """Each epoch visits its kept examples once (their scores are updated),
+  the schedule advances by one data epoch per epoch, and a block size that
+  does not divide the epoch gives the run that K = 1 gives."""
+  data, _, params, _ = problem
+  results = {}
+  for k in (1, 4):
+    runner = _runner(problem, rj.infobatch(N, batch_size=M, num_epochs=6), block_size=k)
+    state, key, lengths = runner.init(params), jax.random.key(3), []
+    for epoch in range(4):
+      before = np.asarray(state.sampler.scores)
+      state, _ = runner.run_epoch(state, key, data)
+      ib = state.sampler
+      lengths.append(int(ib.epoch_steps))
+      visited = np.asarray(ib.order)[:int(ib.epoch_steps) * M]
+      assert len(np.unique(visited)) == len(visited)  # without replacement
+      changed = np.flatnonzero(np.asarray(ib.scores) != before)
+      assert set(changed) <= set(visited)
+      np.testing.assert_allclose(float(rj.equivalent_iterations(state.opt_state)),
+                                 (epoch + 1) * (N // M), rtol=1e-5)
+    assert int(ib.pruned) > 0
+    results[k] = (state.params, lengths)
+  assert results[1][1] == results[4][1]
+  assert any(n % 4 for n in lengths), lengths  # partial blocks ran
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               results[1][0], results[4][0])
+
+
+def test_bad_arguments():
+  for kwargs, message in [(dict(beta=0.0), "beta must be"),
+                          (dict(history_size=0), "history_size")]:
+    with pytest.raises(ValueError, match=message):
+      rj.selective_backprop(10, batch_size=2, **kwargs)
+  for kwargs, message in [(dict(num_epochs=0), "num_epochs"),
+                          (dict(num_epochs=2, prune_ratio=1.0), "prune_ratio"),
+                          (dict(num_epochs=2, anneal=1.5), "anneal")]:
+    with pytest.raises(ValueError, match=message):
+      rj.infobatch(10, batch_size=2, **kwargs)
