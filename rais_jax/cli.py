@@ -62,8 +62,9 @@ def parser() -> argparse.ArgumentParser:
   c.add_argument("--block-size", type=int, default=_DEFAULTS.block_size,
                  help="steps per block of the fast path (at most this: the "
                  "largest divisor of the steps per epoch; 1 = per-step sampling)")
-  c.add_argument("--is-floor", type=float, default=_DEFAULTS.is_floor,
-                 help="uniform floor ε of naive and loss-is (default: RAIS's, 1e-3)")
+  c.add_argument("--floor", type=float, default=_DEFAULTS.floor,
+                 help="uniform floor ε of rais, naive and loss-is (default: "
+                 "the samplers' own, 1e-3; osgd keeps 0.3)")
   c.add_argument("--sb-beta", type=float, default=_DEFAULTS.sb_beta,
                  help="Selective-Backprop's selectivity β: a candidate is "
                  "backpropagated with probability (its loss percentile)^β")
@@ -94,7 +95,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
       epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
       lr=args.lr, lr_schedule=args.lr_schedule, momentum=args.momentum,
       norms=args.norms, oracle_period=args.oracle_period, r_max=args.r_max,
-      block_size=args.block_size, is_floor=args.is_floor, sb_beta=args.sb_beta,
+      block_size=args.block_size, floor=args.floor, sb_beta=args.sb_beta,
       infobatch_ratio=args.infobatch_ratio, infobatch_delta=args.infobatch_delta,
       hidden=tuple(args.hidden), num_samples=args.num_samples,
       data_dir=args.data_dir)

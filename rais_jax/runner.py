@@ -25,7 +25,10 @@ Every weight uses the p its index was drawn from, so g_R stays unbiased; the
 features and trees are up to K steps stale. The (PT) period becomes a multiple
 of K: P = K ⌈⌈|D|/m⌉ / K⌉ steps, and its delay a whole number of blocks.
 
-:meth:`Runner.run` drives blocks from the host. With ``pt_mode="async"`` each
+:meth:`Runner.run` drives blocks from the host (methods without period
+work may end a run with shorter blocks: lengths K, then powers of two);
+:meth:`Runner.run_epoch` runs n // m steps, or InfoBatch's planned epoch.
+With ``pt_mode="async"`` each
 snapshot is solved by a :class:`rais_jax.pt_service.SolveService` on the host
 CPU while training goes on, and the result enters the block it is due in as an
 argument; ``"sync"`` waits for each solve. The two give bit-identical runs.
@@ -72,7 +75,7 @@ class RunnerState:
   opt_state: optax.OptState
   sampler: PyTree  # block_sampler.RobustState / UniformState, or a selection state
   moments: gain_ratio_lib.GainRatioState  # the gain ratio's EMAs
-  step: chex.Array  # int32 steps taken (a multiple of K between blocks)
+  step: chex.Array  # int32 steps taken (RAIS, O-SGD: a multiple of K between blocks)
   skipped_steps: chex.Array  # int32 steps whose update was not finite
 
 
@@ -199,7 +202,9 @@ class Runner:
                                       drawn.uniforms)
       kept = valid.sum(dtype=jnp.int32)
       stepwise = selection.record_step(cfg, stepwise, candidate_losses, kept)
-      indices = drawn.indices[slots]
+      # Empty slots repeat the first kept example at weight 0 (an unkept
+      # candidate could have a NaN loss, and 0 · NaN would void the step).
+      indices = jnp.where(valid, drawn.indices[slots], drawn.indices[slots[0]])
       weights = valid * (self.batch_size / jnp.maximum(kept, 1))
     else:
       indices, weights = drawn.indices, drawn.weights
@@ -485,10 +490,14 @@ def make_runner(model_fn: ModelFn, loss_head: LossHead,
     optimizer: as for :func:`rais_jax.make_train_step`: its updates must use
       the ``gain_ratio`` extra argument for RAIS and O-SGD.
     sampler: as for :func:`rais_jax.make_train_step` (the runner reads its
-      configuration).
+      configuration), or one of the baselines of :mod:`rais_jax.compare`:
+      :func:`rais_jax.naive_sampler`, :func:`rais_jax.loss_sampler`,
+      :func:`rais_jax.selective_backprop`, :func:`rais_jax.infobatch` (train
+      InfoBatch with :meth:`Runner.run_epoch`: it plans each epoch).
     norms: ``"exact"`` (default; ghost norms, the exact gain ratio) or
       ``"proxy"`` (the scale-free gain ratio), as for
-      :func:`rais_jax.make_train_step`; a uniform sampler measures nothing.
+      :func:`rais_jax.make_train_step`, for RAIS, O-SGD and naive; the
+      uniform, loss, Selective-Backprop and InfoBatch samplers measure none.
     block_size: K, steps per block: the sampler's work happens once per
       block. The (PT) period and delay and the oracle's refresh period are
       rounded up to multiples of K. Blocks longer than half the (PT) period

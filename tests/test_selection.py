@@ -77,6 +77,19 @@ def test_selective_backprop_on_the_fast_path(problem):
   assert float(ev["loss"]) < 0.5 * float(ev0["loss"])
 
 
+def test_selective_backprop_survives_broken_examples(problem):
+  """Candidates with a NaN loss are never kept (P = 0), counted, and do not
+  void the steps whose empty slots they would have filled."""
+  data, _, params, _ = problem
+  data = dict(data, x=data["x"].at[:6].set(jnp.nan))
+  runner = _runner(problem, rj.selective_backprop(N, batch_size=M, beta=3.0))
+  state, metrics = runner.run(runner.init(params), jax.random.key(1), data, 40)
+  assert int(state.sampler.nonfinite_losses) > 0
+  assert int(state.skipped_steps) == 0
+  assert np.isfinite(np.asarray(metrics.loss)).all()
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
 # -- InfoBatch ----------------------------------------------------------------
 
 
