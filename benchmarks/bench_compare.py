@@ -79,7 +79,8 @@ def main(argv=None):
                     "config": dataclasses.asdict(config), "variants": {}}
     for label, changes in suite.get("variants", {}).items():
       variant = dataclasses.replace(config, **changes)
-      out = out_root / f"{name}-{label.replace(' ', '').replace('=', '')}"
+      out = out_root / "-".join([name] + [f"{k}{v}" for k, v in changes.items()
+                                          if k != "methods"])
       summary = compare.run_compare(variant, out)["summary"]
       print(f"{name}, {label}:\n{compare.format_summary(summary)}", flush=True)
       tables[name]["variants"][label] = {"summary": summary,
