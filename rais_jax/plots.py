@@ -48,6 +48,29 @@ def _targets_and_schedule_ends(ax, results: dict, x: str) -> None:
   ax.legend()
 
 
+def _cost_per_step(results: dict, out: pathlib.Path, title: str) -> pathlib.Path:
+  """Wall-clock per step of each method (median over seeds, bars; the dots
+  are the seeds), beside the real epochs each ran."""
+  methods = [m for m, runs in results["runs"].items()
+             if all("ms_per_step" in r for r in runs.values())]
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, key, label in ((axes[0], "ms_per_step", "wall-clock per step (ms)"),
+                         (axes[1], None, "epochs run (real passes)")):
+    for i, method in enumerate(methods):
+      runs = results["runs"][method].values()
+      values = [r[key] if key else r["curve"][-1]["epoch"] for r in runs]
+      ax.bar(i, sorted(values)[len(values) // 2], color=_COLOURS.get(method), alpha=0.7)
+      ax.plot([i] * len(values), values, "k.", ms=4)
+    ax.set_xticks(range(len(methods)), [_LABELS.get(m, m) for m in methods],
+                  rotation=30, ha="right", fontsize=8)
+    ax.set(ylabel=label, title=title)
+    ax.grid(alpha=0.3, axis="y")
+  fig.tight_layout()
+  fig.savefig(out / "cost_per_step.png", dpi=110)
+  plt.close(fig)
+  return out / "cost_per_step.png"
+
+
 def plot_compare(results: dict, out: str | pathlib.Path) -> list[pathlib.Path]:
   """Writes the comparison plots to ``out``; returns their paths."""
   out = pathlib.Path(out)
@@ -76,6 +99,7 @@ def plot_compare(results: dict, out: str | pathlib.Path) -> list[pathlib.Path]:
     fig.savefig(out / name, dpi=110)
     plt.close(fig)
     paths.append(out / name)
+  paths.append(_cost_per_step(results, out, title))
   rais = results["runs"].get("rais")
   if rais:
     run = next(iter(rais.values()))

@@ -9,7 +9,7 @@ POINT_KEYS = {"epoch", "epochs_equivalent", "wall_clock_s", "train_loss", "test_
               "test_accuracy", "gain_ratio", "pt_solves", "pt_failures",
               "nonfinite_norms", "skipped_steps"}
 PLOTS = ["loss_vs_epochs.png", "loss_vs_wall_clock.png", "loss_vs_epochs_equivalent.png", "test_accuracy.png",
-         "gain_ratio.png", "learned_c_d.png"]
+         "gain_ratio.png", "cost_per_step.png", "learned_c_d.png"]
 
 
 def _curve(losses, seconds_per_epoch):
