@@ -7,7 +7,8 @@ The same as ``rais-jax compare --dataset mnist1d --out runs/mnist1d``: an MLP
 is generated in memory, never downloaded). It writes
 ``runs/mnist1d/results.json`` (curves and the time-to-target summary) and the
 plots (``loss_vs_epochs.png``, ``loss_vs_wall_clock.png``, ``loss_vs_epochs_equivalent.png``,
-``test_accuracy.png``, ``gain_ratio.png``, ``learned_c_d.png``).
+``test_accuracy.png``, ``gain_ratio.png``, ``cost_per_step.png``,
+``learned_c_d.png``).
 """
 
 from __future__ import annotations
