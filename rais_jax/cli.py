@@ -63,8 +63,8 @@ def parser() -> argparse.ArgumentParser:
                  help="steps per block of the fast path (at most this: the "
                  "largest divisor of the steps per epoch; 1 = per-step sampling)")
   c.add_argument("--floor", type=float, default=_DEFAULTS.floor,
-                 help="uniform floor ε of rais, naive and loss-is (default: "
-                 "the samplers' own, 1e-3; osgd keeps 0.3)")
+                 help="uniform floor ε of rais, naive and loss-is; None: the "
+                 "samplers' own, 1e-3 (osgd keeps its 0.3)")
   c.add_argument("--sb-beta", type=float, default=_DEFAULTS.sb_beta,
                  help="Selective-Backprop's selectivity β: a candidate is "
                  "backpropagated with probability (its loss percentile)^β")

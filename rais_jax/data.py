@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import os
 import pathlib
+import zipfile
 from typing import Optional
 
 import numpy as np
@@ -125,6 +126,9 @@ def load_npz(path: os.PathLike | str) -> Arrays:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"npz file {path} does not exist.")
+  if not zipfile.is_zipfile(path):  # else NumPy speaks of pickled data
+    raise ValueError(f"{path} is not an .npz archive (a zip of .npy arrays, "
+                     "as numpy.savez writes).")
   with np.load(path, allow_pickle=False) as npz:
     missing = [k for k in SPLITS if k not in npz.files]
     if missing:

@@ -77,12 +77,17 @@ def make_model(name: str, input_shape: Sequence[int], num_classes: int, *,
 def functional(module: nnx.Module, input_key: str = "x"):
   """Splits an NNX module into (model_fn(params, batch), params).
 
-  ``model_fn`` is pure: it merges the graph definition with ``params`` and
-  applies the module to ``batch[input_key]``.
+  ``model_fn`` is pure: it merges the graph definition with ``params`` (the
+  ``nnx.Param`` variables, which are trained) and the module's other state
+  (e.g. BatchNorm's running statistics, RNG counts), which it holds constant,
+  and applies the module to ``batch[input_key]``. Normalising by statistics
+  of the batch would couple the examples of a batch, so their per-example
+  gradient norms would not be defined: use BatchNorm with
+  ``use_running_average=True`` (or LayerNorm / GroupNorm) with RAIS.
   """
-  graphdef, params = nnx.split(module, nnx.Param)
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
   def model_fn(p: Any, batch: Any) -> jax.Array:
-    return nnx.merge(graphdef, p)(batch[input_key])
+    return nnx.merge(graphdef, p, rest)(batch[input_key])
 
   return model_fn, params

@@ -392,7 +392,7 @@ class Runner:
     (PT) period (the snapshot's key); otherwise it only dispatches.
     """
     k = self.block_size
-    step = int(state.step)
+    step, skipped = int(state.step), int(state.skipped_steps)
     if self.whole_blocks and num_steps % k:
       raise ValueError(f"num_steps ({num_steps}) must be a multiple of the "
                        f"block size K = {k}.")
@@ -426,6 +426,12 @@ class Runner:
         if key_now[2] == step + self.pt_delay:  # D was full: submitted
           self.service.submit(state.sampler.pending)
           due_key = key_now
+    if num_steps and int(state.skipped_steps) - skipped == num_steps:
+      warnings.warn(
+          f"every one of the {num_steps} steps was skipped: its loss or "
+          "gradient was not finite (e.g. a NaN input column, or labels out of "
+          "range of the model's classes). Check the data.", RuntimeWarning,
+          stacklevel=2)
     return state, jax.tree.map(lambda *x: jnp.concatenate(x), *metrics)
 
   def run_epoch(self, state: RunnerState, key: chex.PRNGKey, data: PyTree

@@ -95,5 +95,8 @@ def test_npz_loading_and_errors(tmp_path):
       data.load_npz(tmp_path / f"{name}.npz")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     data.load_npz(tmp_path / "absent.npz")
+  (tmp_path / "text.npz").write_text("x_train,y_train\n1,0\n")
+  with pytest.raises(ValueError, match="not an .npz archive"):
+    data.load_npz(tmp_path / "text.npz")
   with pytest.raises(ValueError, match="unknown dataset"):
     data.load_dataset("cifar")

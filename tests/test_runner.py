@@ -330,7 +330,8 @@ def test_all_nan_data_changes_nothing(problem, method, norms):
   runner = _runner(problem, method, norms=norms)
   state0 = runner.init(params)
   opt0 = jax.tree.map(np.asarray, state0.opt_state)
-  state, metrics = runner.run(state0, jax.random.key(0), bad, 8)
+  with pytest.warns(RuntimeWarning, match="every one of the 8 steps was skipped"):
+    state, metrics = runner.run(state0, jax.random.key(0), bad, 8)
   runner.close()
   jax.tree.map(np.testing.assert_array_equal, state.params, params)
   jax.tree.map(np.testing.assert_array_equal, state.opt_state, opt0)
