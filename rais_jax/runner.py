@@ -46,11 +46,12 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -77,6 +78,15 @@ class RunnerState:
   moments: gain_ratio_lib.GainRatioState  # the gain ratio's EMAs
   step: chex.Array  # int32 steps taken (RAIS, O-SGD: a multiple of K between blocks)
   skipped_steps: chex.Array  # int32 steps whose update was not finite
+
+
+# The methods that read the whole training set on device, so cannot take a loader.
+_NEED_ALL_DATA = {
+    "oracle": "O-SGD refreshes the exact norms of all n examples: it needs "
+              "the whole training set on device, not a loader.",
+    "selective": "Selective-Backprop forwards candidates drawn inside the "
+                 "step: it needs the whole training set on device, not a loader.",
+}
 
 
 def _tree_select(pred: chex.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
@@ -127,6 +137,8 @@ class Runner:
                     for name in ("refresh", "deliver", "submit", "plan")}
     self._jitted["steps"] = jax.jit(self.steps, donate_argnums=0,
                                     static_argnames="num_steps")
+    self._jitted["fed_steps"] = jax.jit(self.fed_steps, donate_argnums=0)
+    self._jitted["draw"] = jax.jit(self.draw, static_argnames="num_steps")
 
   # -- pure functions ------------------------------------------------------
 
@@ -181,8 +193,11 @@ class Runner:
       batch = jax.lax.with_sharding_constraint(batch, self._batch_sharding)
     return batch
 
-  def _step(self, data: PyTree, context, carry, drawn, *, guarded: bool):
+  def _step(self, data: Optional[PyTree], context, carry, xs, *, guarded: bool):
     """One SGD step of the block's scan: no branch, no callback.
+
+    ``xs`` is the step's draw, gathered from ``data``; or, with ``data``
+    None, (draw, the batch a loader fetched for it).
 
     ``context`` is the sampler state at the block's start (InfoBatch reads
     its schedule advance); Selective-Backprop's small state (its loss
@@ -196,6 +211,7 @@ class Runner:
     """
     params, opt_state, moments, skipped, stepwise = carry
     cfg = self.config
+    drawn, loaded = xs if data is None else (xs, None)
     if cfg.kind == "selective":  # forward the candidates, keep high losses
       candidate_losses = self._loss_fn(params, self._gather(data, drawn.indices))
       slots, valid = selection.select(cfg, stepwise.history, candidate_losses,
@@ -208,9 +224,15 @@ class Runner:
       weights = valid * (self.batch_size / jnp.maximum(kept, 1))
     else:
       indices, weights = drawn.indices, drawn.weights
+    if loaded is None:
+      batch = self._gather(data, indices)
+    elif self._batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(loaded, self._batch_sharding)
+    else:
+      batch = loaded
     grads, u, inner, losses = measured_gradient(
-        self._model_fn, self._loss_head, params, self._gather(data, indices),
-        weights, norms=self._norms, exact_method=self._exact_method)
+        self._model_fn, self._loss_head, params, batch, weights,
+        norms=self._norms, exact_method=self._exact_method)
     loss = jnp.mean(weights * losses)
     # r comes from past steps only, so this step's noise does not set its own
     # learning rate.
@@ -247,7 +269,7 @@ class Runner:
                                          grad_sq_norm=grad_sq_norm,
                                          applied=applied))
 
-  def _scan(self, data: PyTree, context, carry, drawn):
+  def _scan(self, data: Optional[PyTree], context, carry, drawn):
     """The K steps: fast, then re-run guarded if anything was not finite.
 
     The fast scan is accepted when every step's loss (and ‖g‖²) is finite and
@@ -286,19 +308,52 @@ class Runner:
     O(n) sampler state (XLA copies a conditional's operands).
     """
     check_data(data, self.num_examples)
-    cfg, m = self.config, self.batch_size
+    m = self.batch_size
+    self._check_step(state, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), data))
+    drawn = self.draw(state, key, num_steps=num_steps)
+    return self._block(state, data, drawn, drawn)
+
+  def draw(self, state: RunnerState, key: chex.PRNGKey, *,
+           num_steps: Optional[int] = None):
+    """The next block's draw (K steps, or ``num_steps``): a
+    :class:`~rais_jax.block_sampler.Sample` whose ``indices`` (K, m) a loader
+    fetches (:meth:`fed_steps`); Selective-Backprop's candidates otherwise."""
     k = self.block_size if num_steps is None else num_steps
-    if cfg.measures:
+    return self._lib.draw(self.config, state.sampler, key, (k, self.batch_size))
+
+  def fed_steps(self, state: RunnerState, drawn: bs.Sample, batches: PyTree
+                ) -> tuple[RunnerState, StepMetrics]:
+    """The steps of a block on batches the caller loaded: ``batches`` has
+    leading axes (K, m) and holds the examples at ``drawn.indices`` (from
+    :meth:`draw`), e.g. read from a NumPy memmap on the host. Pure and
+    jit-able; :meth:`run` does this when its ``data`` is a loader."""
+    if self.config.kind in _NEED_ALL_DATA:
+      raise ValueError(_NEED_ALL_DATA[self.config.kind])
+    k, m = drawn.indices.shape
+    for leaf in jax.tree.leaves(batches):
+      if leaf.shape[:2] != (k, m):
+        raise ValueError(f"batches must have leading axes (K, m) = {(k, m)}, "
+                         f"those of drawn.indices; got {leaf.shape}.")
+    self._check_step(state, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batches))
+    return self._block(state, None, drawn, (drawn, batches))
+
+  def _check_step(self, state: RunnerState, batch: PyTree) -> None:
+    """Trace-time checks of the optimizer, and of the loss on one batch's
+    shapes (``jax.ShapeDtypeStruct`` leaves)."""
+    if self.config.measures:
       check_gain_ratio_consumed(self.optimizer, state.params)
-    norms_lib.check_loss_fn(
-        self._loss_fn, state.params,
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype),
-                     data))
-    drawn = self._lib.draw(cfg, state.sampler, key, (k, m))
+    norms_lib.check_loss_fn(self._loss_fn, state.params, batch)
+
+  def _block(self, state: RunnerState, data: Optional[PyTree], drawn, xs
+             ) -> tuple[RunnerState, StepMetrics]:
+    """Scan the block's steps over ``xs`` and fold the measurements in."""
+    cfg, k = self.config, drawn.indices.shape[0]
     stepwise = state.sampler if cfg.kind == "selective" else None
     carry = (state.params, state.opt_state, state.moments, state.skipped_steps,
              stepwise)
-    carry, (measured, metrics) = self._scan(data, state.sampler, carry, drawn)
+    carry, (measured, metrics) = self._scan(data, state.sampler, carry, xs)
     params, opt_state, moments, skipped, stepwise = carry
     sampler = state.sampler if stepwise is None else stepwise
     return RunnerState(
@@ -380,11 +435,17 @@ class Runner:
     return [k] * (num_steps // k) + [1 << b for b in reversed(range(k.bit_length()))
                                      if rest & (1 << b)]
 
-  def run(self, state: RunnerState, key: chex.PRNGKey, data: PyTree,
+  def run(self, state: RunnerState, key: chex.PRNGKey,
+          data: PyTree | Callable[[np.ndarray], PyTree],
           num_steps: int) -> tuple[RunnerState, StepMetrics]:
     """``num_steps`` steps, block by block, with the period work at the block
     boundaries of the static schedule and (PT) solves handed to the service.
 
+    ``data`` is the training set on device (leading axis n), or a loader:
+    a function from a block's indices, a NumPy (K, m) array, to that
+    block's batches (leading axes (K, m)), e.g. rows of a memmap on disk.
+    With a loader the host reads each block's indices, calls it, and feeds
+    the batches to :meth:`fed_steps` (the device waits while it loads).
     RAIS with (PT) and O-SGD run whole blocks only (``num_steps`` a multiple
     of K); the other methods end with shorter blocks where needed.
     ``state`` is donated (its buffers are reused in place): continue from
@@ -392,6 +453,9 @@ class Runner:
     (PT) period (the snapshot's key); otherwise it only dispatches.
     """
     k = self.block_size
+    loader = data if callable(data) else None
+    if loader is not None and self.config.kind in _NEED_ALL_DATA:
+      raise ValueError(_NEED_ALL_DATA[self.config.kind])
     step, skipped = int(state.step), int(state.skipped_steps)
     if self.whole_blocks and num_steps % k:
       raise ValueError(f"num_steps ({num_steps}) must be a multiple of the "
@@ -410,8 +474,14 @@ class Runner:
     for length in self._block_lengths(num_steps):
       if self.config.kind == "oracle" and self._refresh_due(step):
         state = jitted["refresh"](state, data)
-      state, block_metrics = jitted["steps"](
-          state, jax.random.fold_in(key, step), data, num_steps=length)
+      block_key = jax.random.fold_in(key, step)
+      if loader is None:
+        state, block_metrics = jitted["steps"](state, block_key, data,
+                                               num_steps=length)
+      else:
+        drawn = jitted["draw"](state, block_key, num_steps=length)
+        state, block_metrics = jitted["fed_steps"](
+            state, drawn, loader(np.asarray(drawn.indices)))
       metrics.append(block_metrics)
       step += length
       if self.service is None:
@@ -434,7 +504,8 @@ class Runner:
           stacklevel=2)
     return state, jax.tree.map(lambda *x: jnp.concatenate(x), *metrics)
 
-  def run_epoch(self, state: RunnerState, key: chex.PRNGKey, data: PyTree
+  def run_epoch(self, state: RunnerState, key: chex.PRNGKey,
+                data: PyTree | Callable[[np.ndarray], PyTree]
                 ) -> tuple[RunnerState, StepMetrics]:
     """One epoch: n // m steps of :meth:`run`; for InfoBatch the epoch it
     plans first (its pruned data: one read of the step count)."""

@@ -88,8 +88,11 @@ def _chunks(data: PyTree, chunk_size: int) -> tuple[PyTree, chex.Array]:
   n = norms_lib.batch_size_of(data)
   chunk_size = min(chunk_size, n)
   index = jnp.arange(-(-n // chunk_size) * chunk_size)
+  # jnp.asarray: NumPy arrays closed over by a jitted caller cannot be
+  # indexed by a traced index.
   chunks = jax.tree.map(
-      lambda x: x[index % n].reshape((-1, chunk_size) + x.shape[1:]), data)
+      lambda x: jnp.asarray(x)[index % n].reshape((-1, chunk_size) + x.shape[1:]),
+      data)
   return chunks, (index < n).reshape(-1, chunk_size)
 
 

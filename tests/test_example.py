@@ -1,16 +1,30 @@
-"""The README's main job runs end to end (tiny settings)."""
+"""The examples run end to end (tiny settings): the README's main job, and
+RAIS fed by a loader that reads a memmap on disk."""
 
 import importlib.util
 import json
 import pathlib
 
-EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "mnist1d_rais_vs_sgd.py"
+EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  return example
+
+
+def test_memmap_loader_example(tmp_path):
+  history = _load("memmap_loader").main(["--epochs", "3", "--num-samples", "1000",
+                                         "--dir", str(tmp_path)])
+  assert (tmp_path / "x_train.npy").exists()
+  assert history[-1]["train_loss"] < history[0]["train_loss"]
+  assert history[-1]["test_accuracy"] > history[0]["test_accuracy"]
 
 
 def test_main_job_writes_curves(tmp_path):
-  spec = importlib.util.spec_from_file_location("example", EXAMPLE)
-  example = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(example)
+  example = _load("mnist1d_rais_vs_sgd")
   example.main(["--epochs", "2", "--num-samples", "600", "--hidden", "32",
                 "--seeds", "0", "--out", str(tmp_path)])
   results = json.loads((tmp_path / "results.json").read_text())
