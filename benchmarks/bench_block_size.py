@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import json
 
-from rais_jax import compare
+from rais_jax.experiments import compare
 
 from common import RESULTS, environment  # pylint: disable=g-bad-import-order
 

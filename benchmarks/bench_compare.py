@@ -7,7 +7,7 @@ Selective-Backprop, InfoBatch) reach U-SGD's final training loss.
 For each suite, U-SGD's base learning rate is first tuned by a small sweep (one
 seed, the lowest final training loss over the whole training set wins); all
 methods then run with that base rate and schedule (RAIS indexes the schedule by
-τ) for several seeds via :func:`rais_jax.compare.run_compare`. Suites with
+τ) for several seeds via :func:`rais_jax.experiments.compare.run_compare`. Suites with
 ``variants`` run those methods again with other settings (RAIS, naive and loss
 IS at O-SGD's floor ε = 0.3: at RAIS's ε = 1e-3 the point estimates diverge),
 beside a U-SGD of their own in the same process. Each suite writes
@@ -22,7 +22,7 @@ import argparse
 import dataclasses
 import json
 
-from rais_jax import compare
+from rais_jax.experiments import compare
 
 from common import RESULTS, environment  # pylint: disable=g-bad-import-order
 

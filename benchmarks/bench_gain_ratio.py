@@ -23,9 +23,9 @@ import numpy as np
 from flax import nnx
 
 import rais_jax as rj
-from rais_jax import compare
-from rais_jax import data as data_lib
-from rais_jax.models import functional, make_model
+from rais_jax.experiments import compare
+from rais_jax.experiments import data as data_lib
+from rais_jax.experiments.models import functional, make_model
 
 from common import RESULTS, environment  # pylint: disable=g-bad-import-order
 

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_norms.py [--models mlp cnn ...] [--batch-sizes 32 128 512]
 
-For every model of :mod:`rais_jax.zoo` (``size="bench"``) and batch size m,
+For every model of :mod:`rais_jax.testing.zoo` (``size="bench"``) and batch size m,
 three jitted functions are timed round-robin in one process (medians of at
 least --repeats rounds, more for fast calls):
 
@@ -28,7 +28,7 @@ import warnings
 import jax
 
 import rais_jax as rj
-from rais_jax import zoo
+from rais_jax.testing import zoo
 
 from common import interleaved_medians, time_call, write  # pylint: disable=g-bad-import-order
 

@@ -33,7 +33,7 @@ from flax import nnx
 
 import rais_jax as rj
 from rais_jax import pt_solver
-from rais_jax.models import MLP, functional
+from rais_jax.experiments.models import MLP, functional
 
 from common import write  # pylint: disable=g-bad-import-order
 

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 import rais_jax as rj
-from rais_jax.models import MLP, functional
+from rais_jax.experiments.models import MLP, functional
 
 from common import interleaved_medians, write  # pylint: disable=g-bad-import-order
 

@@ -23,8 +23,8 @@ import numpy as np
 from flax import nnx
 
 import rais_jax as rj
-from rais_jax import data as data_lib
-from rais_jax.models import MLP, functional
+from rais_jax.experiments import data as data_lib
+from rais_jax.experiments.models import MLP, functional
 
 
 def write_training_set(directory: pathlib.Path, num_samples: int) -> dict:

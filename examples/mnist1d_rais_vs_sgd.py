@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-from rais_jax import cli
+from rais_jax.experiments import cli
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

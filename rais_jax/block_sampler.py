@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, Optional
 import chex
 import jax
 import jax.numpy as jnp
-from flax import struct
+from rais_jax import struct
 
 from rais_jax import records as records_lib
 from rais_jax import robust
@@ -47,7 +47,7 @@ from rais_jax import sum_tree
 from rais_jax.features import FeatureMap
 
 PyTree = Any
-# Point-estimate importance sampling (the baselines of :mod:`rais_jax.compare`):
+# Point-estimate importance sampling (the baselines of :mod:`rais_jax.experiments.compare`):
 # p_i ∝ the last measured gradient norm ("naive") or loss ("loss") of example
 # i, never-seen examples at the mean of the seen ones.
 POINT_KINDS = ("naive", "loss")

@@ -23,7 +23,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from rais_jax import struct
 
 PyTree = Any
 
@@ -50,7 +50,8 @@ class DefaultFeatureState:
 
 
 def default_features(labels: chex.Array, num_classes: int) -> FeatureMap:
-  """SPEC §1 default features: [1, one_hot(y_i), last norm of i, never sampled].
+  """The default features of Johnson & Guestrin (2018): [1, one_hot(y_i),
+  last norm of i, never sampled].
 
   d_R = num_classes + 3. The last measured norm is 0 until example i is
   sampled; the flag is 1 until then.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import chex
 import jax.numpy as jnp
-from flax import struct
+from rais_jax import struct
 
 
 @struct.dataclass

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from rais_jax import struct
 
 from rais_jax import block_sampler as bs
 from rais_jax import gain_ratio as gain_ratio_lib
@@ -567,7 +567,7 @@ def make_runner(model_fn: ModelFn, loss_head: LossHead,
     optimizer: as for :func:`rais_jax.make_train_step`: its updates must use
       the ``gain_ratio`` extra argument for RAIS and O-SGD.
     sampler: as for :func:`rais_jax.make_train_step` (the runner reads its
-      configuration), or one of the baselines of :mod:`rais_jax.compare`:
+      configuration), or one of the baselines of :mod:`rais_jax.experiments.compare`:
       :func:`rais_jax.naive_sampler`, :func:`rais_jax.loss_sampler`,
       :func:`rais_jax.selective_backprop`, :func:`rais_jax.infobatch` (train
       InfoBatch with :meth:`Runner.run_epoch`: it plans each epoch).

@@ -42,7 +42,7 @@ from typing import Callable, NamedTuple, Optional
 import chex
 import jax
 import jax.numpy as jnp
-from flax import struct
+from rais_jax import struct
 from jax.experimental import io_callback
 
 from rais_jax import block_sampler as bs
@@ -54,7 +54,7 @@ from rais_jax.block_sampler import Diagnostics, Sample, SamplerConfig
 from rais_jax.features import FeatureMap
 
 # The kinds the per-step API (make_train_step) serves; the baselines of
-# rais_jax.compare run on the fast path (make_runner) only.
+# rais_jax.experiments.compare run on the fast path (make_runner) only.
 PER_STEP_KINDS = ("rais", "uniform", "oracle")
 
 

@@ -3,7 +3,7 @@
 Neither is importance sampling with unbiased weights: both choose, from recent
 losses, which examples a step backpropagates. They run on the same fast path
 as RAIS (:func:`rais_jax.make_runner`: blocks of K steps, the same step, the
-same optimizer) so that in :mod:`rais_jax.compare` only the method differs.
+same optimizer) so that in :mod:`rais_jax.experiments.compare` only the method differs.
 Like :mod:`rais_jax.block_sampler`, the functions are pure, module-level and
 take a :class:`~rais_jax.block_sampler.SamplerConfig` first; the factories
 :func:`rais_jax.selective_backprop` and :func:`rais_jax.infobatch` build it.
@@ -46,7 +46,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-from flax import struct
+from rais_jax import struct
 
 from rais_jax.block_sampler import Sample, SamplerConfig
 

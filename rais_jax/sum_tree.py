@@ -26,7 +26,7 @@ from typing import Optional
 import chex
 import jax
 import jax.numpy as jnp
-from flax import struct
+from rais_jax import struct
 
 
 @struct.dataclass

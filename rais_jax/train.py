@@ -33,7 +33,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
+from rais_jax import struct
 
 from rais_jax import norms as norms_lib
 from rais_jax import transform

@@ -5,7 +5,7 @@ import numpy as np
 from flax import nnx
 
 import rais_jax as rj
-from rais_jax.models import MLP, functional
+from rais_jax.experiments.models import MLP, functional
 
 
 def classification(n: int, classes: int):

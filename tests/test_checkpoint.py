@@ -8,7 +8,7 @@ from flax import nnx
 
 import rais_jax as rj
 from rais_jax import checkpoint
-from rais_jax.models import MLP, functional
+from rais_jax.experiments.models import MLP, functional
 
 N, M, CLASSES = 200, 16, 4
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from rais_jax import cli, compare
+from rais_jax.experiments import cli, compare
 
 POINT_KEYS = {"epoch", "epochs_equivalent", "wall_clock_s", "train_loss", "test_loss",
               "test_accuracy", "gain_ratio", "pt_solves", "pt_failures",

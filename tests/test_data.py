@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
-from rais_jax import data
+from rais_jax.experiments import data
 
 
 def _write_idx(path, array, code):

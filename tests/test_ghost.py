@@ -10,7 +10,8 @@ import pytest
 from jax import export
 
 import rais_jax as rj
-from rais_jax import ghost, zoo
+from rais_jax import ghost
+from rais_jax.testing import zoo
 
 M = 6
 

@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent('''
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from flax import nnx
     import rais_jax as rj
-    from rais_jax.models import MLP, functional
+    from rais_jax.experiments.models import MLP, functional
 
     assert jax.device_count() == 4, jax.devices()
     n, m, K = 256, 32, 4
@@ -71,7 +71,7 @@ RUNNER_SCRIPT = textwrap.dedent('''
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from flax import nnx
     import rais_jax as rj
-    from rais_jax.models import MLP, functional
+    from rais_jax.experiments.models import MLP, functional
 
     assert jax.device_count() == 4, jax.devices()
     n, m, C = 256, 32, 4

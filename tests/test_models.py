@@ -1,4 +1,4 @@
-"""rais_jax.models: the example models and functional()."""
+"""rais_jax.experiments.models: the example models and functional()."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 import rais_jax as rj
-from rais_jax.models import functional
+from rais_jax.experiments.models import functional
 
 
 class _BatchNormMLP(nnx.Module):

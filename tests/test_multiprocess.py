@@ -32,7 +32,7 @@ WORKER = textwrap.dedent('''
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     from flax import nnx
     import rais_jax as rj
-    from rais_jax.models import MLP, functional
+    from rais_jax.experiments.models import MLP, functional
 
     assert jax.device_count() == 2 and jax.process_count() == int(num_processes)
     n, m, K = 256, 32, 4

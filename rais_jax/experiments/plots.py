@@ -1,13 +1,12 @@
-"""Plots of a comparison's results (``rais_jax.compare``), as PNG files."""
+"""Plots of a comparison's results (:mod:`rais_jax.experiments.compare`), as
+PNG files. Figures are drawn with matplotlib's object API (``Figure``), so
+importing this module leaves the global backend and pyplot state alone."""
 
 from __future__ import annotations
 
 import pathlib
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib.figure import Figure
 
 _COLOURS = {"usgd": "tab:blue", "rais": "tab:orange", "osgd": "tab:green",
             "naive": "tab:red", "loss-is": "tab:purple",
@@ -53,7 +52,8 @@ def _cost_per_step(results: dict, out: pathlib.Path, title: str) -> pathlib.Path
   are the seeds), beside the real epochs each ran."""
   methods = [m for m, runs in results["runs"].items()
              if all("ms_per_step" in r for r in runs.values())]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig = Figure(figsize=(10, 4))
+  axes = fig.subplots(1, 2)
   for ax, key, label in ((axes[0], "ms_per_step", "wall-clock per step (ms)"),
                          (axes[1], None, "epochs run (real passes)")):
     for i, method in enumerate(methods):
@@ -67,7 +67,6 @@ def _cost_per_step(results: dict, out: pathlib.Path, title: str) -> pathlib.Path
     ax.grid(alpha=0.3, axis="y")
   fig.tight_layout()
   fig.savefig(out / "cost_per_step.png", dpi=110)
-  plt.close(fig)
   return out / "cost_per_step.png"
 
 
@@ -90,21 +89,22 @@ def plot_compare(results: dict, out: str | pathlib.Path) -> list[pathlib.Path]:
   ]
   paths = []
   for name, x, y, xlabel, ylabel, log in specs:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     _curves(ax, results, x, y, log=log)
     if y == "train_loss" and x != "epochs_equivalent":
       _targets_and_schedule_ends(ax, results, x)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     fig.tight_layout()
     fig.savefig(out / name, dpi=110)
-    plt.close(fig)
     paths.append(out / name)
   paths.append(_cost_per_step(results, out, title))
   rais = results["runs"].get("rais")
   if rais:
     run = next(iter(rais.values()))
     names = run["feature_names"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, key, what in ((axes[0], "c", "c (centre of U)"),
                           (axes[1], "d", "d (widths of U)")):
       ax.bar(range(len(names)), run[key])
@@ -113,6 +113,5 @@ def plot_compare(results: dict, out: str | pathlib.Path) -> list[pathlib.Path]:
       ax.set(title=f"learned {what}, seed {next(iter(rais))}")
     fig.tight_layout()
     fig.savefig(out / "learned_c_d.png", dpi=110)
-    plt.close(fig)
     paths.append(out / "learned_c_d.png")
   return paths

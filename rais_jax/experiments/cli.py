@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
-from rais_jax import compare
+from rais_jax.experiments import compare
 
 _DEFAULTS = compare.CompareConfig()
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from rais_jax.models import MLP, functional
+from rais_jax.experiments.models import MLP, functional
 
 PyTree = Any
 

@@ -47,8 +47,8 @@ from flax import nnx
 from tqdm import tqdm
 
 import rais_jax as rj
-from rais_jax import data as data_lib
-from rais_jax.models import functional, make_model
+from rais_jax.experiments import data as data_lib
+from rais_jax.experiments.models import functional, make_model
 
 METHODS = ("usgd", "rais", "osgd", "naive", "loss-is", "selective-backprop",
            "infobatch")
@@ -420,7 +420,7 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if plots:
-      from rais_jax import plots as plots_lib  # pylint: disable=g-import-not-at-top
+      from rais_jax.experiments import plots as plots_lib  # pylint: disable=g-import-not-at-top
       plots_lib.plot_compare(results, out)
   return results
 
