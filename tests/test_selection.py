@@ -93,12 +93,21 @@ def test_selective_backprop_survives_broken_examples(problem):
 # -- InfoBatch ----------------------------------------------------------------
 
 
-def _planned(scores, *, epoch=1, num_epochs=8, ratio=0.5, seed=0, m=10):
+def _planned(scores, *, epoch=1, num_epochs=8, ratio=0.5, seeds=(0,), m=10):
+  """InfoBatch's plans of one epoch for each seed (stacked along axis 0)."""
   config = rj.infobatch(len(scores), batch_size=m, num_epochs=num_epochs,
                         prune_ratio=ratio).config
   state = selection.init(config).replace(
       scores=jnp.asarray(scores, jnp.float32), epoch=jnp.asarray(epoch, jnp.int32))
-  return config, selection.plan(config, state, jax.random.key(seed))
+  keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+  plans = jax.jit(jax.vmap(lambda k: selection.plan(config, state, k)))(keys)
+  return jax.tree.map(np.asarray, plans)
+
+
+def _head(plans, n):
+  """(plans, n) bool: which examples each plan keeps (the head of its order)."""
+  rank = np.argsort(plans.order, axis=1)  # position of each example
+  return rank < plans.kept[:, None]
 
 
 def test_infobatch_prunes_a_fraction_of_the_well_learned():
@@ -110,20 +119,16 @@ def test_infobatch_prunes_a_fraction_of_the_well_learned():
   scores = rng.exponential(1.0, 1000)
   well = scores < scores.mean()
   w = int(well.sum())
-  keep_counts = np.zeros(1000)
-  for seed in range(200):
-    config, st = _planned(scores, ratio=0.3, seed=seed)
-    weights, order, kept = np.asarray(st.weights), np.asarray(st.order), int(st.kept)
-    head = np.zeros(1000, bool)
-    head[order[:kept]] = True
-    assert kept == 1000 - w + int(np.floor(0.7 * w))
-    assert head[~well].all()
-    np.testing.assert_allclose(weights[head & well], 1 / 0.7, rtol=1e-6)
-    np.testing.assert_allclose(weights[~(head & well)], 1.0)
-    assert int(st.epoch_steps) == kept // 10
-    np.testing.assert_allclose(float(st.schedule_advance), 100 / (kept // 10), rtol=1e-6)
-    keep_counts += head
-  freq = keep_counts[well] / 200
+  plans = _planned(scores, ratio=0.3, seeds=range(200))
+  head = _head(plans, 1000)
+  kept = 1000 - w + int(np.floor(0.7 * w))
+  np.testing.assert_array_equal(plans.kept, kept)
+  assert head[:, ~well].all()
+  np.testing.assert_allclose(plans.weights[head & well], 1 / 0.7, rtol=1e-6)
+  np.testing.assert_allclose(plans.weights[~(head & well)], 1.0)
+  np.testing.assert_array_equal(plans.epoch_steps, kept // 10)
+  np.testing.assert_allclose(plans.schedule_advance, 100 / (kept // 10), rtol=1e-6)
+  freq = head[:, well].mean(0)
   assert abs(freq.mean() - np.floor(0.7 * w) / w) < 1e-9  # exact count each epoch
   # Per example: binomial(200, 0.7), 5 standard errors.
   assert np.all(np.abs(freq - 0.7) < 5 * np.sqrt(0.21 / 200))
@@ -134,28 +139,24 @@ def test_infobatch_epoch_gradient_keeps_its_expectation():
   rng = np.random.default_rng(1)
   scores = rng.exponential(1.0, 300)
   grads = rng.normal(size=(300, 3))
-  est = []
-  for seed in range(3000):
-    _, st = _planned(scores, seed=seed)
-    kept = np.zeros(300, bool)
-    kept[np.asarray(st.order)[:int(st.kept)]] = True
-    est.append((kept * np.asarray(st.weights))[:, None] * grads)
-  est = np.asarray(est).mean(1)
+  plans = _planned(scores, seeds=range(3000))
+  est = ((_head(plans, 300) * plans.weights)[:, :, None] * grads).mean(1)
   mean, se = est.mean(0), est.std(0, ddof=1) / np.sqrt(len(est))
   assert np.all(np.abs(mean - grads.mean(0)) < 4.5 * se), (mean, grads.mean(0), se)
 
 
 def test_infobatch_first_and_annealed_epochs_use_all_data():
   scores = np.random.default_rng(2).exponential(1.0, 200)
-  _, first = _planned(np.full(200, np.inf), epoch=0)  # nothing seen yet
+  first = _planned(np.full(200, np.inf), epoch=0)  # nothing seen yet
   # E = 8, δ = 0.875: epochs 1..7 (⌊δ E⌋ = 7) prune, the 8th does not.
-  _, seventh = _planned(scores, epoch=6)
-  _, last = _planned(scores, epoch=7)
-  for st in (first, last):
-    assert int(st.kept) == 200 and int(st.epoch_steps) == 20
-    np.testing.assert_allclose(st.weights, 1.0)
-    assert float(st.schedule_advance) == 1.0
-  assert int(seventh.kept) < 200
+  seventh = _planned(scores, epoch=6)
+  last = _planned(scores, epoch=7)
+  for plans in (first, last):
+    np.testing.assert_array_equal(plans.kept, 200)
+    np.testing.assert_array_equal(plans.epoch_steps, 20)
+    np.testing.assert_allclose(plans.weights, 1.0)
+    np.testing.assert_array_equal(plans.schedule_advance, 1.0)
+  assert seventh.kept[0] < 200
 
 
 def test_infobatch_epochs_on_the_fast_path(problem):
