@@ -103,7 +103,7 @@ class Sample(NamedTuple):
 
 
 @struct.dataclass
-class PendingSolve:
+class PendingSolve(struct.PyTreeNode):
   """The inputs of the (PT) solve in flight, applied at step ``due``."""
 
   features: chex.Array
@@ -120,7 +120,7 @@ class PendingSolve:
 
 
 @struct.dataclass
-class Diagnostics:
+class Diagnostics(struct.PyTreeNode):
   pt_solves: chex.Array  # int32: solves applied
   pt_failures: chex.Array  # int32: solves rejected (error or non-finite)
   pt_iterations: chex.Array  # int32: of the last solve
@@ -135,7 +135,7 @@ class Diagnostics:
 
 
 @struct.dataclass
-class RobustState:
+class RobustState(struct.PyTreeNode):
   """State of a RAIS or oracle sampler on the fast path (no gain-ratio moments:
   sampling never reads them; the runner keeps them)."""
 
@@ -154,7 +154,7 @@ class RobustState:
 
 
 @struct.dataclass
-class UniformState:
+class UniformState(struct.PyTreeNode):
   """U-SGD keeps no per-example state."""
 
 

@@ -43,7 +43,7 @@ class FeatureMap(NamedTuple):
 
 
 @struct.dataclass
-class DefaultFeatureState:
+class DefaultFeatureState(struct.PyTreeNode):
   labels: chex.Array  # (n,) int32 class labels
   last_norm: chex.Array  # (n,) float32, 0 until first measured
   seen: chex.Array  # (n,) bool

@@ -72,15 +72,15 @@ def update(state: GainRatioState, norms: chex.Array, probs: chex.Array,
     counted in ``skipped``.
   """
   scaled = norms / (num_examples * probs)
-  sample = (jnp.mean(norms * scaled), jnp.mean(scaled**2), grad_sq_norm,
-            jnp.zeros(()) if grad_halves_inner is None else grad_halves_inner)
-  sample = tuple(jnp.asarray(x, jnp.float32) for x in sample)
-  finite = jnp.all(jnp.stack([jnp.isfinite(x) for x in sample]))
-  old = (state.uniform_moment, state.robust_moment, state.grad_sq_norm,
-         state.grad_halves_inner)
-  new = tuple(jnp.where(finite, (1 - alpha) * o + alpha * x, o)
-              for o, x in zip(old, sample))
-  return GainRatioState(*new, count=state.count + finite.astype(jnp.int32),
+  measured = [jnp.asarray(x, jnp.float32) for x in (
+      jnp.mean(norms * scaled), jnp.mean(scaled**2), grad_sq_norm,
+      jnp.zeros(()) if grad_halves_inner is None else grad_halves_inner)]
+  finite = jnp.all(jnp.stack([jnp.isfinite(x) for x in measured]))
+  names = ("uniform_moment", "robust_moment", "grad_sq_norm", "grad_halves_inner")
+  new = {name: jnp.where(finite, (1 - alpha) * getattr(state, name) + alpha * x,
+                         getattr(state, name))
+         for name, x in zip(names, measured)}
+  return GainRatioState(**new, count=state.count + finite.astype(jnp.int32),
                         skipped=state.skipped + (~finite).astype(jnp.int32))
 
 

@@ -71,7 +71,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, cast
 
 import chex
 import jax
@@ -553,7 +553,7 @@ def _plan(sites: Sequence[_Site]) -> _Plan:
     rows, cols = sites[group[0]].eqn.invars[
         sites[group[0]].param_slots[0]].aval.shape
     if positions * (rows + cols) <= rows * cols:  # the Gram form is cheaper
-      shared.append((group, layouts))
+      shared.append((group, cast(tuple[int, ...], layouts)))  # no None: checked
       covered.update(group)
   pulled = tuple((s, j) for s, site in enumerate(sites) if s not in covered
                  for j in range(len(site.param_slots)))
@@ -808,4 +808,4 @@ def value_grad_and_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],
     sq += _pulled_back_sq(sites, plan.pulled, site_params, p_leaves, data_ops,
                           fixed_ops, deltas)
   norms = jnp.sqrt(sq) / jnp.abs(weights).astype(jnp.float32)
-  return losses, p_def.unflatten(grad_leaves), norms
+  return losses, jax.tree.unflatten(p_def, grad_leaves), norms

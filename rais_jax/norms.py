@@ -21,7 +21,7 @@ scale-free with it (see :mod:`rais_jax.gain_ratio`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import chex
 import jax
@@ -48,7 +48,8 @@ def batch_size_of(batch: PyTree) -> int:
         "every leaf of batch must be an array with the same leading (example) "
         f"axis; found leading sizes {sorted(s for s in sizes if s is not None)}"
         f"{' and scalars' if None in sizes else ''}.")
-  return sizes.pop()
+  # Not int(): the size may be a symbolic dimension (shape polymorphism).
+  return cast(int, sizes.pop())  # None was refused above
 
 
 def check_loss_fn(loss_fn: LossFn, params: PyTree, batch: PyTree) -> int:

@@ -16,7 +16,7 @@ from rais_jax import struct
 
 
 @struct.dataclass
-class Records:
+class Records(struct.PyTreeNode):
   """Ring buffer D of the last |D| measurements (s̃_j, ṽ_j, p_j)."""
 
   features: chex.Array  # (|D|, d_R)

@@ -71,7 +71,7 @@ PyTree = Any
 
 
 @struct.dataclass
-class RunnerState:
+class RunnerState(struct.PyTreeNode):
   params: PyTree
   opt_state: optax.OptState
   sampler: PyTree  # block_sampler.RobustState / UniformState, or a selection state

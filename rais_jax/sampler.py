@@ -90,7 +90,7 @@ class Sampler(NamedTuple):
   init: Callable[[], SamplerState]
   sample: Callable[[SamplerState, chex.PRNGKey], Sample]
   update: Callable[..., SamplerState]
-  gain_ratio: Callable[[SamplerState], chex.Array]
+  gain_ratio: Callable[..., chex.Array]  # (state, *, scale_free=False)
   probabilities: Callable[[SamplerState], chex.Array]
   set_parameters: Callable[[SamplerState, chex.Array, chex.Array], SamplerState]
   refresh: Optional[Callable[[SamplerState, chex.Array], SamplerState]]
@@ -304,27 +304,36 @@ def oracle_sampler(num_examples: int, *, batch_size: int, floor: float = 0.3,
   oracle = FeatureMap(
       num_examples=num_examples, names=("oracle norm",),
       init=lambda: jnp.zeros((num_examples,), jnp.float32),
-      compute=lambda s, idx=None: (s if idx is None else s[idx])[..., None],
-      update=lambda s, idx, norms, valid: s)
+      compute=_one_value, update=_unchanged)
   return _make_sampler(SamplerConfig(
       kind="oracle", feature_map=oracle, batch_size=batch_size, floor=floor,
       ema_rate=ema_rate, r_max=r_max))
 
 
+def _one_value(state: chex.Array, idx: Optional[chex.Array] = None) -> chex.Array:
+  """The one feature: the state's value of each example (of ``idx``)."""
+  return (state if idx is None else state[idx])[..., None]
+
+
+def _unchanged(state, idx, values, valid):
+  """Features that measurements do not change (or that the caller writes)."""
+  del idx, values, valid
+  return state
+
+
 def _constant_feature(n: int) -> FeatureMap:
-  return FeatureMap(
-      num_examples=n, names=("constant",), init=lambda: jnp.zeros((), jnp.int32),
-      compute=lambda s, idx=None: jnp.ones(((n if idx is None else idx.shape[0]), 1)),
-      update=lambda s, idx, norms, valid: s)
+  def ones(state, idx: Optional[chex.Array] = None) -> chex.Array:
+    return jnp.ones(((n if idx is None else idx.shape[0]), 1))
+  return FeatureMap(num_examples=n, names=("constant",),
+                    init=lambda: jnp.zeros((), jnp.int32), compute=ones,
+                    update=_unchanged)
 
 
 def _last_value(n: int, name: str) -> FeatureMap:
   """One value per example, −1 until measured (the fold-in writes it)."""
-  return FeatureMap(
-      num_examples=n, names=(name,),
-      init=lambda: jnp.full((n,), -1.0, jnp.float32),
-      compute=lambda s, idx=None: (s if idx is None else s[idx])[..., None],
-      update=lambda s, idx, values, valid: s)
+  return FeatureMap(num_examples=n, names=(name,),
+                    init=lambda: jnp.full((n,), -1.0, jnp.float32),
+                    compute=_one_value, update=_unchanged)
 
 
 def naive_sampler(num_examples: int, *, batch_size: int, floor: float = 1e-3,

@@ -61,7 +61,7 @@ class Candidates(NamedTuple):
 
 
 @struct.dataclass
-class SelectiveBackpropState:
+class SelectiveBackpropState(struct.PyTreeNode):
   history: chex.Array  # (R,) the last R candidate losses; NaN: empty slot
   forwarded: chex.Array  # int32 candidates forwarded
   backpropagated: chex.Array  # int32 examples backpropagated
@@ -69,7 +69,7 @@ class SelectiveBackpropState:
 
 
 @struct.dataclass
-class InfoBatchState:
+class InfoBatchState(struct.PyTreeNode):
   scores: chex.Array  # (n,) last loss of each example; +inf: never seen
   weights: chex.Array  # (n,) this epoch's weights: 1/(1 − r) or 1
   order: chex.Array  # (n,) int32 this epoch's visiting order, kept ones first

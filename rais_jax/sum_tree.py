@@ -30,7 +30,7 @@ from rais_jax import struct
 
 
 @struct.dataclass
-class SumTree:
+class SumTree(struct.PyTreeNode):
   """Pytree holding a complete B-ary tree of partial sums, levels root first."""
 
   nodes: chex.Array  # (size,) or (T, size) float

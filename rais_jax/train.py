@@ -45,7 +45,7 @@ LossHead = Callable[[chex.Array, PyTree], chex.Array]
 
 
 @struct.dataclass
-class TrainState:
+class TrainState(struct.PyTreeNode):
   params: PyTree
   opt_state: optax.OptState
   sampler: SamplerState
@@ -288,6 +288,7 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
     return loss_head(model_fn(params, batch), batch)
 
   def refresh_oracle(sampler_state: SamplerState, params, data) -> SamplerState:
+    assert sampler.refresh is not None  # only oracle samplers are refreshed
     return sampler.refresh(sampler_state, all_exact_norms(
         loss_fn, params, data, chunk_size=oracle_chunk, method=exact_method))
 

@@ -130,7 +130,7 @@ def _sampler(method: str, labels: np.ndarray, classes: int,
   n, m = len(labels), config.batch_size
   if method == "usgd":
     return rj.uniform_sampler(n, batch_size=m)
-  floor = {} if config.floor is None else {"floor": config.floor}
+  floor: dict[str, Any] = {} if config.floor is None else {"floor": config.floor}
   if method == "rais":
     return rj.rais_sampler(rj.default_features(labels, classes), batch_size=m,
                            r_max=config.r_max, **floor)
@@ -189,7 +189,7 @@ class _Runner:
     self.n, self.m = n, m
     self.compiled = False
 
-  def point(self, state, epoch: int, wall: float, r: float) -> dict:
+  def point(self, state, epoch: float, wall: float, r: float) -> dict:
     tr = self.evaluate(state.params, self.train)
     te = self.evaluate(state.params, self.test)
     diag = getattr(state.sampler, "diagnostics", None)
@@ -284,6 +284,11 @@ def time_to_target(curve: Sequence[dict], target: float, key: str
   return None
 
 
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+  """a / b, or None if either is missing (or b is 0)."""
+  return None if a is None or not b else a / b
+
+
 def _stats(values: Sequence[Optional[float]], *, reached: bool = True) -> dict:
   """Per-seed values with their median, min and max (None: never reached)."""
   got = [v for v in values if v is not None]
@@ -312,7 +317,7 @@ def summarise(runs: dict[str, dict[str, dict]]) -> dict:
   seeds = list(runs["usgd"])
   usgd_final = {s: runs["usgd"][s]["curve"][-1] for s in seeds}
   targets = {s: usgd_final[s]["train_loss"] for s in seeds}
-  summary = {"target": "U-SGD's final training loss, per seed",
+  summary: dict[str, Any] = {"target": "U-SGD's final training loss, per seed",
              "seeds": [int(s) for s in seeds],
              "targets": [targets[s] for s in seeds], "methods": {}}
   base = {key: {s: time_to_target(runs["usgd"][s]["curve"], targets[s], key)
@@ -322,8 +327,7 @@ def summarise(runs: dict[str, dict[str, dict]]) -> dict:
     for key in ("wall_clock_s", "epoch"):
       reach = [time_to_target(by_seed[s]["curve"], targets[s], key)
                if s in by_seed else None for s in seeds]
-      speedup = [None if r is None or not r else base[key][s] / r
-                 for s, r in zip(seeds, reach)]
+      speedup = [_ratio(base[key][s], r) for s, r in zip(seeds, reach)]
       entry[key] = _stats(reach)
       entry[f"speedup_{key}"] = _stats(speedup)
     ran = [s for s in seeds if s in by_seed]

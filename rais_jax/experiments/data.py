@@ -107,7 +107,7 @@ def load_fashion_mnist(data_dir: Optional[os.PathLike | str] = None) -> Arrays:
   for directory in dirs:
     files = {k: _find(directory, name) for k, name in _FASHION_FILES.items()}
     if all(files.values()):
-      arrays = {k: read_idx(f) for k, f in files.items()}
+      arrays = {k: read_idx(f) for k, f in files.items() if f is not None}
       return _checked({
           "x_train": arrays["x_train"].astype(np.float32) / 255.0,
           "y_train": arrays["y_train"].astype(np.int32),

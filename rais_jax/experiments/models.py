@@ -85,9 +85,9 @@ def functional(module: nnx.Module, input_key: str = "x"):
   gradient norms would not be defined: use BatchNorm with
   ``use_running_average=True`` (or LayerNorm / GroupNorm) with RAIS.
   """
-  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  graphdef, params, *rest = nnx.split(module, nnx.Param, ...)
 
   def model_fn(p: Any, batch: Any) -> jax.Array:
-    return nnx.merge(graphdef, p, rest)(batch[input_key])
+    return nnx.merge(graphdef, p, *rest)(batch[input_key])
 
   return model_fn, params
