@@ -132,7 +132,7 @@ def value_grad_and_norms(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
   ``grads = ∇_params Σ_k weights_k f_k`` (``weights`` defaults to 1/m, the
   mean) and ``norms[k] = ‖∇_params f_k‖`` (unweighted). With ``"ghost"`` all
   three come from one forward and one backward pass; the norms are recovered
-  from the weighted pass as ‖∇(w_k f_k)‖/|w_k|, so they are NaN where
+  from the weighted pass as ‖∇(w_k f_k)‖ / ``|w_k|``, so they are NaN where
   ``weights`` is 0. With ``"vmap"`` the norms cost a second, per-example pass.
   """
   _check_method(method)

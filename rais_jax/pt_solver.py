@@ -1,11 +1,11 @@
 """(PT): learning the uncertainty set from recent gradient-norm measurements.
 
-Given records j = 1..|D| of features s̃_j (taken just before the example was
+Given records j = 1 … ``|D|`` of features s̃_j (taken just before the example was
 measured), measured norms ṽ_j and sampling probabilities p_j, and the feature
 sum S = Σ_i s_i over all n examples, (PT) is
 
     min_{c,d ≥ 0} ⟨d, S⟩   s.t.   G(c, d) ≤ 1,
-    G(c, d) = (1/|D|) Σ_j (ṽ_j − ⟨c, s̃_j⟩)² / (p_j ⟨d, s̃_j⟩).
+    G(c, d) = (1/``|D|``) Σ_j (ṽ_j − ⟨c, s̃_j⟩)² / (p_j ⟨d, s̃_j⟩).
 
 G is an importance-weighted, unbiased estimate of Σ_i (v_i − a_i)² / b_i. It is
 jointly convex (quadratic over linear) and G(c, t·d) = G(c, d)/t, so (PT) is
@@ -73,7 +73,7 @@ def _objective(x: tuple[chex.Array, chex.Array], prob: _Problem) -> chex.Array:
   """Ĝ(c̄, z) = mean_j (ṽ_j/σ − ⟨c̄, s̃_j⟩)² · den_scale_j / ⟨z, t_j⟩.
 
   t_j = s̃_j / S, so both inner products come from one pass over s̃ (the
-  solve is memory-bound at |D| = 65536).
+  solve is memory-bound at ``|D|`` = 65536).
   """
   c_bar, z = x
   both = _matmul(jnp.stack([c_bar, z * prob.inv_sum]), prob.feats_t)  # (2, D)
@@ -113,9 +113,9 @@ def solve_pt(features: chex.Array, norms: chex.Array, probs: chex.Array,
   """Solves (PT) for the uncertainty-set parameters (c, d).
 
   Args:
-    features: (|D|, d_R) non-negative features s̃_j of the recorded examples.
-    norms: (|D|,) their measured gradient norms ṽ_j.
-    probs: (|D|,) the probabilities p_j with which they were sampled.
+    features: (``|D|``, d_R) non-negative features s̃_j of the recorded examples.
+    norms: (``|D|``,) their measured gradient norms ṽ_j.
+    probs: (``|D|``,) the probabilities p_j with which they were sampled.
     feature_sum: (d_R,) S = Σ_i s_i over all n examples now.
     init: optional warm start (c, d) (any positive scale of d is fine).
     max_iters: cap on projected-gradient iterations.
@@ -230,6 +230,6 @@ def solve_pt(features: chex.Array, norms: chex.Array, probs: chex.Array,
 
 def pt_constraint(c: chex.Array, d: chex.Array, features: chex.Array,
                   norms: chex.Array, probs: chex.Array) -> chex.Array:
-  """G(c, d) = (1/|D|) Σ_j (ṽ_j − ⟨c, s̃_j⟩)² / (p_j ⟨d, s̃_j⟩) (no floor)."""
+  """G(c, d) = (1/``|D|``) Σ_j (ṽ_j − ⟨c, s̃_j⟩)² / (p_j ⟨d, s̃_j⟩) (no floor)."""
   resid = norms - _matmul(features, c)
   return jnp.mean(resid**2 / (probs * _matmul(features, d)))

@@ -4,7 +4,7 @@ Each record j holds s̃_j (the example's features just before it was
 measured), ṽ_j (its measured gradient norm) and p_j (the probability it was
 drawn with). :func:`push` appends a batch of rows at once, skipping invalid
 ones (non-finite norms) and overwriting the oldest rows once D is full; a batch
-longer than D keeps its last |D| valid rows. Pure functions over a
+longer than D keeps its last ``|D|`` valid rows. Pure functions over a
 :class:`Records` pytree, so they run under ``jit`` and ``lax.scan``.
 """
 
@@ -17,7 +17,7 @@ from rais_jax import struct
 
 @struct.dataclass
 class Records(struct.PyTreeNode):
-  """Ring buffer D of the last |D| measurements (s̃_j, ṽ_j, p_j)."""
+  """Ring buffer D of the last ``|D|`` measurements (s̃_j, ṽ_j, p_j)."""
 
   features: chex.Array  # (|D|, d_R)
   norms: chex.Array  # (|D|,)

@@ -399,7 +399,7 @@ class Runner:
 
   def block(self, state: RunnerState, key: chex.PRNGKey, data: PyTree,
             solved: Optional[tuple] = None) -> tuple[RunnerState, StepMetrics]:
-    """A whole block with its period work (as ``lax.cond``s): pure, jit-able.
+    """A whole block with its period work (as ``lax.cond``): pure, jit-able.
 
     What :meth:`run` does for one block, in one function, e.g. to
     ``lax.scan`` over blocks in a single program (then pass no ``solved``:

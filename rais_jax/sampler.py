@@ -22,7 +22,7 @@ as a mixture: tree a with weight (1 − ε) A/(A + kB), tree b with weight
 (1 − ε) kB/(A + kB), the tree of ones (uniform) with weight ε; one descent
 serves all three. Until the first (PT) solution is applied, sampling is uniform.
 
-(PT) runs every ``pt_period`` = ⌈|D|/m⌉ steps on a snapshot of D and its result
+(PT) runs every ``pt_period`` = ⌈ ``|D|`` / m ⌉ steps on a snapshot of D and its result
 is applied exactly ``pt_delay`` steps later, so runs are reproducible for a
 given key whether the solve ran in the background (``pt_mode="async"``: an
 ``io_callback`` hands the snapshot to a host thread) or in-graph
@@ -234,9 +234,9 @@ def rais_sampler(features: FeatureMap, *, batch_size: int,
   Args:
     features: the per-example :class:`~rais_jax.features.FeatureMap`.
     batch_size: m, the number of indices per step.
-    buffer_size: |D|, default min(n, 65536).
+    buffer_size: ``|D|``, default min(n, 65536).
     floor: ε, the uniform share of the sampling mass.
-    pt_period: steps between (PT) solves, default ⌈|D|/m⌉ (one refill of D).
+    pt_period: steps between (PT) solves, default ⌈ ``|D|`` / m ⌉ (one refill of D).
     pt_delay: steps from a solve's submission to its application, in
       [1, pt_period]; default max(1, pt_period // 2).
     pt_mode: ``"async"`` (background thread via ``io_callback``) or ``"sync"``
