@@ -117,6 +117,40 @@ def test_adamw_recipe_takes_the_gain_ratio():
   np.testing.assert_allclose(equivalent_iterations(s2), 3.5)
 
 
+_LR = 0.1
+# The README's recipes ("Any optax optimizer"), each beside the stock optax
+# optimizer it equals at r = 1.
+RECIPES = {
+    "sgd": (rais_sgd(_LR), optax.sgd(_LR)),
+    "momentum": (rais_sgd(_LR, momentum=0.9, nesterov=True),
+                 optax.sgd(_LR, momentum=0.9, nesterov=True)),
+    "adam": (optax.chain(optax.scale_by_adam(), scale_by_gain_ratio(_LR)),
+             optax.adam(_LR)),
+    "adamw": (optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(1e-4),
+                          scale_by_gain_ratio(_LR)), optax.adamw(_LR, weight_decay=1e-4)),
+    "clipped momentum": (
+        optax.chain(optax.clip_by_global_norm(1.0), optax.trace(0.9),
+                    scale_by_gain_ratio(_LR)),
+        optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(_LR, momentum=0.9))),
+}
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_each_recipe_moves_parameters_by_r_times_lr(name):
+  """At r = 1 a recipe is its stock optax optimizer; at r it moves the
+  parameters r times as far (two steps, the second after a first one)."""
+  opt, ref = RECIPES[name]
+  check_gain_ratio_consumed(opt, PARAMS)
+  s, s_ref = opt.init(PARAMS), ref.init(PARAMS)
+  for _ in range(2):
+    u, s_next = opt.update(GRADS, s, PARAMS)
+    u_ref, s_ref = ref.update(GRADS, s_ref, PARAMS)
+    chex.assert_trees_all_close(u, u_ref, rtol=1e-6)
+    u_r, _ = opt.update(GRADS, s, PARAMS, gain_ratio=3.0)
+    chex.assert_trees_all_close(u_r, jax.tree.map(lambda x: 3.0 * x, u), rtol=1e-6)
+    s = s_next
+
+
 @pytest.mark.parametrize("opt, consumed", [
     (optax.sgd(0.1, momentum=0.9), False),
     (optax.adamw(1e-3), False),
