@@ -369,6 +369,8 @@ class Runner:
   def plan(self, state: RunnerState, key: chex.PRNGKey) -> RunnerState:
     """InfoBatch: the next epoch's examples, order and weights (from ``key``
     and the epoch's number)."""
+    # (InfoBatch's blocks draw no random numbers, so sharing the run's key
+    # stream, fold_in(key, ·), with them correlates nothing.)
     key = jax.random.fold_in(key, state.sampler.epoch)
     return state.replace(sampler=selection.plan(self.config, state.sampler, key))
 
