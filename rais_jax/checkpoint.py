@@ -17,7 +17,14 @@ import pathlib
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
+
+try:
+  import orbax.checkpoint as ocp
+except ImportError as e:  # the core installs without orbax
+  raise ImportError(
+      "rais_jax.checkpoint needs orbax-checkpoint: install the extra with pip "
+      "install \"rais-jax[checkpoint]\" (from a checkout: pip install -e "
+      "\".[checkpoint]\").") from e
 
 from rais_jax.sampler import Sampler
 

@@ -41,12 +41,13 @@ assert bool(jnp.all(jnp.isfinite(metrics.loss)))
 assert int(state.sampler.diagnostics.pt_solves) >= 2
 loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set(BLOCKED))
 assert not loaded, loaded
-try:
-  import rais_jax.experiments
-except ImportError as e:
-  assert "rais-jax[experiments]" in str(e), e
-else:
-  raise AssertionError("rais_jax.experiments imported without its extra")
+for module, extra in (("experiments", "experiments"), ("checkpoint", "checkpoint")):
+  try:
+    __import__("rais_jax." + module)
+  except ImportError as e:
+    assert "rais-jax[" + extra + "]" in str(e), e
+  else:
+    raise AssertionError("rais_jax." + module + " imported without its extra")
 print("core ok")
 """
 
