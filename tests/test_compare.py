@@ -156,6 +156,15 @@ def test_ranking_on_hand_made_summaries():
       "final_test_accuracy": ["usgd", "infobatch", "rais", "naive"]}
 
 
+def test_quiet_prints_only_the_summary(tmp_path, capsys):
+  cli.run(["compare", "--epochs", "1", "--num-samples", "300", "--hidden", "8",
+           "--seeds", "0", "--methods", "usgd,rais", "--out", str(tmp_path),
+           "--no-plots", "--quiet"])
+  out = capsys.readouterr()
+  assert "seed 0:" not in out.out and "ranked by" in out.out
+  assert "\r" not in out.err  # no progress bar
+
+
 def test_cli_npz_dataset_with_cnn(tmp_path):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(96, 8, 8)).astype(np.float32)

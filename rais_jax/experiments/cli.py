@@ -84,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
   c.add_argument("--out", default="runs/compare",
                  help="output directory for results.json and the plots")
   c.add_argument("--no-plots", action="store_true")
+  c.add_argument("--quiet", action="store_true",
+                 help="no progress bars (shown on a terminal only anyway) and no "
+                 "line per run: just the summary")
   return p
 
 
@@ -100,7 +103,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
       hidden=tuple(args.hidden), num_samples=args.num_samples,
       data_dir=args.data_dir)
   try:
-    results = compare.run_compare(config, args.out, plots=not args.no_plots)
+    results = compare.run_compare(config, args.out, plots=not args.no_plots,
+                                  quiet=args.quiet)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"rais-jax compare: {e}") from None
   print(compare.format_summary(results["summary"]))

@@ -226,7 +226,7 @@ class _Runner:
   def _tau(state) -> float:
     return float(rj.equivalent_iterations(state.opt_state))
 
-  def run(self, params, seed: int, epochs: int) -> dict:
+  def run(self, params, seed: int, epochs: int, *, quiet: bool = False) -> dict:
     """Trains one seed. The methods that raise the learning rate by the
     gain ratio (RAIS, O-SGD, naive) run until their schedule's budget of
     ``epochs`` epochs *equivalent* is spent (τ = U-SGD's number of steps; no
@@ -246,8 +246,9 @@ class _Runner:
     budget = epochs * self.steps_per_epoch
     state = self.runner.init(params)
     curve, wall, gain, schedule_end = [self.point(state, 0, 0.0, 1.0)], 0.0, 0.0, None
+    # disable=None: a bar on a terminal only, never in a log file.
     bar = tqdm(range(1, epochs + 1), desc=f"{self.method} seed {seed}",
-               leave=False, disable=None)
+               leave=False, disable=True if quiet else None)
     for _ in bar:
       start = time.perf_counter()
       tau = self._tau(state)
@@ -383,8 +384,11 @@ def environment() -> dict:
 
 
 def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
-                *, plots: bool = True) -> dict:
-  """Runs every method for every seed; writes ``out/results.json`` and plots."""
+                *, plots: bool = True, quiet: bool = False) -> dict:
+  """Runs every method for every seed; writes ``out/results.json`` and plots.
+
+  Progress bars show on a terminal only; ``quiet`` also drops them there and
+  the line printed per run."""
   config.validate()
   raw = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
                               num_samples=config.num_samples)
@@ -403,16 +407,18 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
                      model_fn)
     runs[method] = {}
     for seed in config.seeds:
-      run = runner.run(models[seed][1], seed, config.epochs)
+      run = runner.run(models[seed][1], seed, config.epochs, quiet=quiet)
       runs[method][str(seed)] = run
       last = run["curve"][-1]
-      print(f"{method:5s} seed {seed}: train loss {last['train_loss']:.4f}, "
-            f"test acc {last['test_accuracy']:.4f}, wall {last['wall_clock_s']:.1f}"
-            f" s, epochs {last['epoch']:.2f}, epochs equivalent {last['epochs_equivalent']:.1f}, r "
-            f"{last['gain_ratio']:.2f}, (PT) solves {last['pt_solves']} "
-            f"(failed {last['pt_failures']}), non-finite norms "
-            f"{last['nonfinite_norms']}, skipped steps {last['skipped_steps']}",
-            flush=True)
+      if not quiet:
+        print(f"{method:5s} seed {seed}: train loss {last['train_loss']:.4f}, "
+              f"test acc {last['test_accuracy']:.4f}, wall "
+              f"{last['wall_clock_s']:.1f} s, epochs {last['epoch']:.2f}, epochs "
+              f"equivalent {last['epochs_equivalent']:.1f}, r "
+              f"{last['gain_ratio']:.2f}, (PT) solves {last['pt_solves']} "
+              f"(failed {last['pt_failures']}), non-finite norms "
+              f"{last['nonfinite_norms']}, skipped steps {last['skipped_steps']}",
+              flush=True)
   results = {"config": dataclasses.asdict(config),
              "dataset": {"n_train": int(len(raw["y_train"])),
                          "n_test": int(len(raw["y_test"])),
