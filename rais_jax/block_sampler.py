@@ -177,12 +177,21 @@ def rebuild_trees(config: SamplerConfig, features: PyTree, c: chex.Array,
   """``trees`` and ``totals`` rebuilt from all features, O(n)."""
   if not config.has_trees:  # never read: keep them O(1)
     trees = sum_tree.build(jnp.ones((3, 1), jnp.float32))
-  elif config.kind in POINT_KINDS:
-    trees = sum_tree.build(leaf_rows(*point_leaves(features)))
   else:
-    a, b = robust.centres_and_widths(c, d, config.feature_map.compute(features, None))
-    trees = sum_tree.build(leaf_rows(a, b))
+    trees = sum_tree.build(leaf_rows(*_leaf_values(config, c, d, features)))
   return {"trees": trees, "totals": sum_tree.total(trees)}
+
+
+def _leaf_values(config: SamplerConfig, c: chex.Array, d: chex.Array,
+                 features: PyTree, idx: Optional[chex.Array] = None
+                 ) -> tuple[chex.Array, chex.Array]:
+  """(a, b) of the examples at ``idx`` (all if None): ⟨c, s_i⟩ and ⟨d, s_i⟩
+  of their features, or for the point kinds :func:`point_leaves` of their
+  last values."""
+  values = config.feature_map.compute(features, idx)
+  if config.kind in POINT_KINDS:
+    return point_leaves(values[..., 0])
+  return robust.centres_and_widths(c, d, values)
 
 
 def point_leaves(values: chex.Array) -> tuple[chex.Array, chex.Array]:
@@ -295,30 +304,25 @@ def fold_in(config: SamplerConfig, state, sample: Sample, norms: chex.Array):
   valid = jnp.isfinite(norms) & (norms >= 0)
   if config.kind == "oracle":
     return count_nonfinite(state, valid)
-  if config.kind in POINT_KINDS:
-    # Skipped values scatter out of range (dropped), so a duplicate with a
-    # valid value is never overwritten by its old one.
-    features = state.features.at[jnp.where(valid, idx, config.num_examples)].set(
-        norms, mode="drop")
-    a, b = point_leaves(features[idx])
-    trees = sum_tree.update_many(state.trees, idx, leaf_rows(_ordered_after(a, p), b))
-    state = state.replace(features=features, trees=trees, totals=sum_tree.total(trees))
-    return count_nonfinite(state, valid)
   fmap = config.feature_map
   clean = jnp.where(valid, norms, 0.0)
-  features_before = fmap.compute(state.features, idx)
-  records = records_lib.push(state.records, features_before, clean, p, valid)
-  # The features and the trees were read (features_before; p when sampling)
-  # before being updated in place below; making the written values depend on
-  # those reads orders them first, otherwise XLA copies the O(n) buffers.
-  features = fmap.update(state.features, idx,
-                         _ordered_after(clean, features_before), valid)
+  changes = {}
+  if config.kind == "rais":  # D records the features before this fold-in
+    features_before = fmap.compute(state.features, idx)
+    changes["records"] = records_lib.push(state.records, features_before, clean,
+                                          p, valid)
+    # The features and the trees were read (features_before; p when
+    # sampling) before being updated in place below; making the written
+    # values depend on those reads orders them first, otherwise XLA copies
+    # the O(n) buffers.
+    clean = _ordered_after(clean, features_before)
+  features = fmap.update(state.features, idx, clean, valid)
   # Duplicated indices read back the one value the scatter kept, so the
   # tree update below writes equal values for them.
-  a, b = robust.centres_and_widths(state.c, state.d, fmap.compute(features, idx))
+  a, b = _leaf_values(config, state.c, state.d, features, idx)
   trees = sum_tree.update_many(state.trees, idx, leaf_rows(_ordered_after(a, p), b))
-  state = state.replace(features=features, records=records, trees=trees,
-                        totals=sum_tree.total(trees))
+  state = state.replace(features=features, trees=trees,
+                        totals=sum_tree.total(trees), **changes)
   return count_nonfinite(state, valid)
 
 

@@ -316,7 +316,7 @@ def _one_value(state: chex.Array, idx: Optional[chex.Array] = None) -> chex.Arra
 
 
 def _unchanged(state, idx, values, valid):
-  """Features that measurements do not change (or that the caller writes)."""
+  """Features that measurements do not change."""
   del idx, values, valid
   return state
 
@@ -330,10 +330,14 @@ def _constant_feature(n: int) -> FeatureMap:
 
 
 def _last_value(n: int, name: str) -> FeatureMap:
-  """One value per example, −1 until measured (the fold-in writes it)."""
+  """One value per example, −1 until measured."""
+  def update(state, idx, values, valid):
+    # Skipped values scatter out of range (dropped), so a duplicate with a
+    # valid value is never overwritten by its old one.
+    return state.at[jnp.where(valid, idx, n)].set(values, mode="drop")
   return FeatureMap(num_examples=n, names=(name,),
                     init=lambda: jnp.full((n,), -1.0, jnp.float32),
-                    compute=_one_value, update=_unchanged)
+                    compute=_one_value, update=update)
 
 
 def naive_sampler(num_examples: int, *, batch_size: int, floor: float = 1e-3,
