@@ -122,6 +122,9 @@ class Runner:
     # in whole blocks; the others may end a run with shorter blocks.
     self.whole_blocks = self.pt_enabled or config.kind == "oracle"
     self._lib = selection if config.kind in selection.KINDS else bs
+    # Shorter blocks that end a run: powers of two below K, longest first.
+    self._short_lengths = [1 << b for b in reversed(range(k.bit_length()))
+                           if 1 << b < k]
     blocks = lambda steps: max(1, math.ceil(steps / k))
     self.pt_period = k * blocks(config.pt_period)
     self.pt_delay = k * min(blocks(config.pt_delay), self.pt_period // k)
@@ -188,10 +191,13 @@ class Runner:
                                 self.batch_size)
 
   def _gather(self, data: PyTree, indices: chex.Array) -> PyTree:
-    batch = jax.tree.map(lambda x: x[indices], data)
-    if self._batch_sharding is not None:
-      batch = jax.lax.with_sharding_constraint(batch, self._batch_sharding)
-    return batch
+    return self._place(jax.tree.map(lambda x: x[indices], data))
+
+  def _place(self, batch: PyTree) -> PyTree:
+    """The batch laid out as ``batch_sharding`` asks (if given)."""
+    if self._batch_sharding is None:
+      return batch
+    return jax.lax.with_sharding_constraint(batch, self._batch_sharding)
 
   def _step(self, data: Optional[PyTree], context, carry, xs, *, guarded: bool):
     """One SGD step of the block's scan: no branch, no callback.
@@ -224,12 +230,7 @@ class Runner:
       weights = valid * (self.batch_size / jnp.maximum(kept, 1))
     else:
       indices, weights = drawn.indices, drawn.weights
-    if loaded is None:
-      batch = self._gather(data, indices)
-    elif self._batch_sharding is not None:
-      batch = jax.lax.with_sharding_constraint(loaded, self._batch_sharding)
-    else:
-      batch = loaded
+    batch = self._gather(data, indices) if loaded is None else self._place(loaded)
     grads, u, inner, losses = measured_gradient(
         self._model_fn, self._loss_head, params, batch, weights,
         norms=self._norms, exact_method=self._exact_method)
@@ -434,8 +435,7 @@ class Runner:
     """Blocks of K, then the rest in blocks of powers of two (at most
     log₂ K + 1 programs to compile)."""
     k, rest = self.block_size, num_steps % self.block_size
-    return [k] * (num_steps // k) + [1 << b for b in reversed(range(k.bit_length()))
-                                     if rest & (1 << b)]
+    return [k] * (num_steps // k) + [n for n in self._short_lengths if rest & n]
 
   def run(self, state: RunnerState, key: chex.PRNGKey,
           data: PyTree | Callable[[np.ndarray], PyTree],
@@ -458,7 +458,7 @@ class Runner:
     loader = data if callable(data) else None
     if loader is not None and self.config.kind in _NEED_ALL_DATA:
       raise ValueError(_NEED_ALL_DATA[self.config.kind])
-    step, skipped = int(state.step), int(state.skipped_steps)
+    step, skipped = map(int, jax.device_get((state.step, state.skipped_steps)))
     if self.whole_blocks and num_steps % k:
       raise ValueError(f"num_steps ({num_steps}) must be a multiple of the "
                        f"block size K = {k}.")
@@ -526,8 +526,7 @@ class Runner:
     lengths = {self.block_size}
     if self.config.kind == "infobatch":
       state = self._jitted["plan"](state, jax.random.key(0))
-      lengths |= {1 << b for b in range(self.block_size.bit_length())
-                  if 1 << b < self.block_size}
+      lengths |= set(self._short_lengths)
     for length in sorted(lengths):
       state, _ = self._jitted["steps"](state, jax.random.key(0), data,
                                        num_steps=length)
