@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Optional, Sequence
 
 from rais_jax.experiments import compare
@@ -93,15 +94,10 @@ def parser() -> argparse.ArgumentParser:
 def run(argv: Optional[Sequence[str]] = None) -> dict:
   """Parses ``argv`` and runs the command; returns its results."""
   args = parser().parse_args(argv)
-  config = compare.CompareConfig(
-      dataset=args.dataset, model=args.model, methods=args.methods,
-      epochs=args.epochs, seeds=args.seeds, batch_size=args.batch_size,
-      lr=args.lr, lr_schedule=args.lr_schedule, momentum=args.momentum,
-      norms=args.norms, oracle_period=args.oracle_period, r_max=args.r_max,
-      block_size=args.block_size, floor=args.floor, sb_beta=args.sb_beta,
-      infobatch_ratio=args.infobatch_ratio, infobatch_delta=args.infobatch_delta,
-      hidden=tuple(args.hidden), num_samples=args.num_samples,
-      data_dir=args.data_dir)
+  # Every CompareConfig field has the flag of its name (--batch-size: batch_size).
+  config = compare.CompareConfig(**{
+      f.name: getattr(args, f.name) for f in dataclasses.fields(compare.CompareConfig)
+  } | {"hidden": tuple(args.hidden)})
   try:
     results = compare.run_compare(config, args.out, plots=not args.no_plots,
                                   quiet=args.quiet)
