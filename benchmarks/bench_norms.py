@@ -9,10 +9,15 @@ least --repeats rounds, more for fast calls):
 * plain: ``jax.value_and_grad`` of the mean loss (what SGD computes anyway);
 * ghost: ``rais_jax.value_grad_and_norms`` (losses, the same gradient and all
   m exact norms, method "ghost");
-* vmap: ``per_example_grad_norms(method="vmap")``, the reference (norms only),
+* vmap: ``value_grad_and_norms(method="vmap")`` (the same outputs: the
+  gradient by one backward pass, the norms by vmap of per-example gradients),
   timed for m ≤ --vmap-max-m only, since it grows as m × the plain cost. It is
   timed in a second round against plain alone (after it, the caches are cold
-  for whatever runs next), and its ratio is taken within that round.
+  for whatever runs next), and its ratio is taken within that round;
+* auto: what ``rais_jax.choose_method`` picks for that model and m (its own
+  measurement, run in a fresh call each time), and whether that is the
+  faster of ghost and vmap by this benchmark's timings ("ok"), within 10 %
+  of it ("tie") or slower ("wrong").
 
 Memory is XLA's compiled scratch (temporary) buffer size for each function,
 ``compiled.memory_analysis().temp_size_in_bytes``: the peak working memory
@@ -58,7 +63,7 @@ def main(argv=None):
           "ghost": jax.jit(lambda q, b: rj.value_grad_and_norms(loss_fn, q, b)),
       }
       if m <= args.vmap_max_m:
-        fns["vmap"] = jax.jit(lambda q, b: rj.per_example_grad_norms(
+        fns["vmap"] = jax.jit(lambda q, b: rj.value_grad_and_norms(
             loss_fn, q, b, method="vmap"))
       inputs = (problem.params, problem.batch)
       with warnings.catch_warnings():
@@ -77,12 +82,22 @@ def main(argv=None):
           second = interleaved_medians({k: call(k) for k in ("plain", "vmap")},
                                        repeats=max(3, repeats // 4), warmup=1)
           vmap = second["vmap"] / second["plain"] * times["plain"]
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = rj.choose_method(loss_fn, *inputs)
+      verdict = "—"
+      if vmap:
+        best = min(times["ghost"], vmap)
+        chosen = times["ghost"] if auto == "ghost" else vmap
+        verdict = ("ok" if chosen == best else
+                   "tie" if chosen <= 1.1 * best else "wrong")
       goal = GOALS.get(problem.kind)
       row = {
           "model": name, "kind": problem.kind, "m": m, "repeats": repeats,
           "plain (ms)": 1e3 * times["plain"], "ghost (ms)": 1e3 * times["ghost"],
           "ghost / plain": times["ghost"] / times["plain"],
           "vmap / plain": vmap / times["plain"] if vmap else "—",
+          "auto": auto, "auto is": verdict,
           "goal": goal if goal else "—",
           "scratch MB plain": memory["plain"], "ghost": memory["ghost"],
           "vmap": memory.get("vmap", "—"),

@@ -4,11 +4,11 @@ Johnson & Guestrin, "Training Deep Models Faster with Robust, Approximate
 Importance Sampling", NeurIPS 2018.
 """
 
-from rais_jax import block_sampler, ghost, records, selection, sum_tree
+from rais_jax import block_sampler, ghost, records, selection, separability, sum_tree
 from rais_jax.block_sampler import SamplerConfig
 from rais_jax.features import FeatureMap, default_features, static_features
 from rais_jax.gain_ratio import GainRatioState
-from rais_jax.norms import (per_example_grad_norms, softmax_cross_entropy_proxy_norms,
+from rais_jax.norms import (choose_method, per_example_grad_norms, softmax_cross_entropy_proxy_norms,
                             value_grad_and_norms)
 from rais_jax.pt_solver import PTInfo, pt_constraint, solve_pt
 from rais_jax.runner import Runner, RunnerState, make_runner
@@ -33,4 +33,5 @@ __all__ = [
     "static_features", "sum_tree", "uniform_sampler", "value_grad_and_norms",
     "worst_case_second_moment", "ghost", "block_sampler", "records", "SamplerConfig",
     "naive_sampler", "loss_sampler", "selective_backprop", "infobatch", "selection",
+    "choose_method", "separability",
 ]

@@ -9,8 +9,16 @@ pays for one backward pass. Methods:
 
 * ``"ghost"`` (default): the ghost-norm identity applied to the loss's jaxpr,
   see :mod:`rais_jax.ghost`: about the cost of one ordinary backward pass.
-* ``"vmap"``: ``vmap`` of per-example ``grad``, the reference; about m times
-  the cost, and memory grows as m × #params.
+* ``"vmap"``: ``vmap`` of per-example ``grad``, the reference; memory grows as
+  m × #params, and time up to m times a backward pass (on CPU; batched
+  per-example gradients parallelise better on accelerators, and where ghost
+  norms must vmap a whole ``scan``/``while`` — an RNN — vmap is the faster).
+* ``"auto"``: the faster of the two for this loss at these shapes, measured
+  by :func:`choose_method` when the function is traced (or called eagerly).
+
+Both methods trace the loss one example at a time, so the loss must be
+*separable*; every function here checks that at trace time
+(:func:`rais_jax.separability.check_separable`).
 
 The *proxy* of Johnson & Guestrin (2018) is the norm of the loss gradient with
 respect to the model output: for softmax cross-entropy with logits z and label
@@ -21,19 +29,24 @@ scale-free with it (see :mod:`rais_jax.gain_ratio`).
 
 from __future__ import annotations
 
+import functools
+import statistics
+import time
 from typing import Any, Callable, Optional, cast
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rais_jax import ghost
+from rais_jax import separability
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], chex.Array]
 
-METHODS = ("ghost", "vmap")
+METHODS = ("ghost", "vmap", "auto")
 
 
 def batch_size_of(batch: PyTree) -> int:
@@ -90,6 +103,72 @@ def _vmap_norms(loss_fn: LossFn, params: PyTree, batch: PyTree,
   return jax.lax.map(one, batch, batch_size=chunk_size)
 
 
+def _value_grad_and_norms(loss_fn: LossFn, params: PyTree, batch: PyTree,
+                          weights: chex.Array, method: str
+                          ) -> tuple[chex.Array, PyTree, chex.Array]:
+  """Both methods, unchecked (``method`` "ghost" or "vmap")."""
+  if method == "ghost":
+    return ghost.value_grad_and_norms(loss_fn, params, batch, weights)
+  losses, backward = jax.vjp(lambda p: loss_fn(p, batch), params)
+  (grads,) = backward(weights.astype(losses.dtype))
+  return losses, grads, _vmap_norms(loss_fn, params, batch, None)
+
+
+def choose_method(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
+                  repeats: int = 5, margin: float = 1.05) -> str:
+  """The faster exact method for ``loss_fn`` at these shapes: "ghost" or "vmap".
+
+  Measured: :func:`value_grad_and_norms` is compiled with each method for
+  random inputs shaped like ``params`` and ``batch`` (arrays, tracers or
+  ``jax.ShapeDtypeStruct``, so it also runs while an enclosing function is
+  traced), run once to warm up, then ``repeats`` times round-robin on the
+  default device; "vmap" is chosen if its median time is below ghost's
+  divided by ``margin`` (near a tie ghost wins: its memory does not grow
+  with m × #params). If vmap runs out of memory, ghost is the choice. Costs
+  two compilations and 2 (``repeats`` + 1) calls.
+
+  The choice can differ between processes where the two are within noise of
+  each other, and the two methods' norms differ in round-off: for runs that
+  must be bit-identical across processes (a resumed checkpoint), resolve it
+  once and pass the name.
+  """
+  if repeats < 1 or margin < 1:
+    raise ValueError(f"repeats must be ≥ 1 and margin ≥ 1; got {repeats}, {margin}.")
+  m = check_loss_fn(loss_fn, params, batch)
+  rng = np.random.default_rng(0)
+  with jax.ensure_compile_time_eval():  # concrete, also inside a trace
+    inputs = jax.device_put((*jax.tree.map(lambda x: separability.random_like(
+        rng, x.shape, x.dtype), (params, batch)), np.full((m,), 1.0 / m, np.float32)))
+  calls = {}
+  for method in ("ghost", "vmap"):
+    # Compiled ahead of time and called on concrete inputs: not staged into
+    # a trace that encloses this one.
+    try:
+      fn = jax.jit(functools.partial(_value_grad_and_norms, loss_fn,
+                                     method=method)).lower(*inputs).compile()
+      jax.block_until_ready(fn(*inputs))
+    except (jax.errors.JaxRuntimeError, MemoryError):
+      if method == "ghost":
+        raise
+      continue  # vmap's m × #params gradients did not fit: ghost it is
+    calls[method] = fn
+  if len(calls) < 2:
+    return "ghost"
+  times: dict[str, list[float]] = {k: [] for k in calls}
+  for _ in range(repeats):
+    for method, fn in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*inputs))
+      times[method].append(time.perf_counter() - start)
+  ghost_t, vmap_t = (statistics.median(times[k]) for k in ("ghost", "vmap"))
+  return "vmap" if vmap_t * margin < ghost_t else "ghost"
+
+
+def _resolve(method: str, loss_fn: LossFn, params: PyTree, batch: PyTree) -> str:
+  _check_method(method)
+  return choose_method(loss_fn, params, batch) if method == "auto" else method
+
+
 def per_example_grad_norms(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
                            method: str = "ghost",
                            chunk_size: Optional[int] = None,
@@ -98,27 +177,28 @@ def per_example_grad_norms(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
 
   Args:
     loss_fn: ``(params, batch) -> (m,)`` per-example losses; each loss may
-      depend only on its own example (no BatchNorm in training mode). With
-      ``"ghost"`` it is traced for a batch of one example, so it must accept
-      any batch size.
+      depend only on its own example (no BatchNorm in training mode). It is
+      traced for a batch of one example, so it must accept any batch size.
     params: the parameters to differentiate.
     batch: pytree whose leaves have leading axis m.
-    method: ``"ghost"`` (one backward pass) or ``"vmap"`` (the reference).
+    method: ``"ghost"`` (one backward pass), ``"vmap"`` (the reference) or
+      ``"auto"`` (:func:`choose_method`, measured at each trace).
     chunk_size: with ``"vmap"``, how many examples to differentiate at once.
-    separable_check: with ``"ghost"``, probe ``loss_fn`` at trace time for
-      losses that couple examples and refuse them (see
-      :func:`rais_jax.ghost.check_separable`).
+    separable_check: probe ``loss_fn`` at trace time for losses that couple
+      examples and refuse them (:func:`rais_jax.separability.check_separable`).
 
   Returns:
     Norms of shape (m,), float32.
   """
   _check_method(method)
   m = check_loss_fn(loss_fn, params, batch)
+  if separable_check:
+    separability.check_separable(loss_fn, params, batch)
+  method = _resolve(method, loss_fn, params, batch)
   if method == "vmap":
     return _vmap_norms(loss_fn, params, batch, chunk_size)
-  return ghost.value_grad_and_norms(
-      loss_fn, params, batch, jnp.ones((m,), jnp.float32),
-      separable_check=separable_check)[2]
+  return ghost.value_grad_and_norms(loss_fn, params, batch,
+                                    jnp.ones((m,), jnp.float32))[2]
 
 
 def value_grad_and_norms(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
@@ -133,7 +213,10 @@ def value_grad_and_norms(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
   mean) and ``norms[k] = ‖∇_params f_k‖`` (unweighted). With ``"ghost"`` all
   three come from one forward and one backward pass; the norms are recovered
   from the weighted pass as ‖∇(w_k f_k)‖ / ``|w_k|``, so they are NaN where
-  ``weights`` is 0. With ``"vmap"`` the norms cost a second, per-example pass.
+  ``weights`` is 0. With ``"vmap"`` the norms cost a second, per-example
+  pass; ``"auto"`` picks the faster of the two (:func:`choose_method`,
+  measured at each trace). ``separable_check`` as for
+  :func:`per_example_grad_norms`.
   """
   _check_method(method)
   m = check_loss_fn(loss_fn, params, batch)
@@ -142,12 +225,10 @@ def value_grad_and_norms(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
   elif jnp.shape(weights) != (m,):
     raise ValueError(f"weights must have shape (m,) = ({m},); got "
                      f"{jnp.shape(weights)}.")
-  if method == "ghost":
-    return ghost.value_grad_and_norms(loss_fn, params, batch, weights,
-                                      separable_check=separable_check)
-  losses, backward = jax.vjp(lambda p: loss_fn(p, batch), params)
-  (grads,) = backward(weights.astype(losses.dtype))
-  return losses, grads, _vmap_norms(loss_fn, params, batch, None)
+  if separable_check:
+    separability.check_separable(loss_fn, params, batch)
+  return _value_grad_and_norms(loss_fn, params, batch, weights,
+                               _resolve(method, loss_fn, params, batch))
 
 
 def softmax_cross_entropy_proxy_norms(logits: chex.Array,

@@ -102,6 +102,9 @@ class Runner:
     pt_period, pt_delay: the (PT) schedule in steps (multiples of K).
     service: the :class:`~rais_jax.pt_service.SolveService` (``pt_mode``
       async or sync; None otherwise). :meth:`close` drops its results.
+    chosen_methods: with ``exact_method="auto"``, the method
+      :func:`rais_jax.choose_method` measured, per (parameter and batch)
+      shapes: measured once, so every block program of a runner uses the same.
   """
 
   def __init__(self, *, model_fn: ModelFn, loss_head: LossHead,
@@ -134,6 +137,7 @@ class Runner:
         wait=config.pt_mode == "sync") if self.pt_enabled else None)
     self._model_fn, self._loss_head, self._norms = model_fn, loss_head, norms
     self._exact_method, self._oracle_chunk = exact_method, oracle_chunk_size
+    self.chosen_methods: dict[Any, str] = {}
     self._batch_sharding = batch_sharding
     # The state is donated: the O(n) sampler arrays are updated in place.
     self._jitted = {name: jax.jit(getattr(self, name), donate_argnums=0)
@@ -183,12 +187,28 @@ class Runner:
     distribution: exact norms of all n examples and the full gradient (two
     passes over the data; for analysis, e.g. against :meth:`gain_ratio`)."""
     loss_fn = self._loss_fn
-    norms = all_exact_norms(loss_fn, state.params, data, chunk_size=chunk_size,
-                            method=self._exact_method)
+    norms = all_exact_norms(
+        loss_fn, state.params, data, chunk_size=chunk_size,
+        method=self._chunk_method(state.params, data, chunk_size))
     grads = full_gradient(loss_fn, state.params, data, chunk_size=chunk_size)
     probs = bs.probabilities(self.config, state.sampler)
     return gain_ratio_lib.exact(norms, probs, optax.tree.norm(grads, squared=True),
                                 self.batch_size)
+
+  def _method(self, params: PyTree, batch: PyTree) -> str:
+    """``exact_method``, with "auto" measured once per shape (at trace time)."""
+    if self._exact_method != "auto":
+      return self._exact_method
+    leaves, tree = jax.tree.flatten((params, batch))
+    key = (tree, tuple((x.shape, jnp.dtype(x.dtype)) for x in leaves))
+    if key not in self.chosen_methods:
+      self.chosen_methods[key] = norms_lib.choose_method(self._loss_fn, params, batch)
+    return self.chosen_methods[key]
+
+  def _chunk_method(self, params: PyTree, data: PyTree, chunk_size: int) -> str:
+    """The method for chunks of ``data`` (O-SGD's refresh, the exact gain ratio)."""
+    return self._method(params, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((chunk_size,) + x.shape[1:], x.dtype), data))
 
   def _gather(self, data: PyTree, indices: chex.Array) -> PyTree:
     return self._place(jax.tree.map(lambda x: x[indices], data))
@@ -233,7 +253,8 @@ class Runner:
     batch = self._gather(data, indices) if loaded is None else self._place(loaded)
     grads, u, inner, losses = measured_gradient(
         self._model_fn, self._loss_head, params, batch, weights,
-        norms=self._norms, exact_method=self._exact_method)
+        norms=self._norms,
+        exact_method=self._method(params, batch) if self._norms == "exact" else "ghost")
     loss = jnp.mean(weights * losses)
     # r comes from past steps only, so this step's noise does not set its own
     # learning rate.
@@ -296,7 +317,7 @@ class Runner:
   def _refresh_oracle(self, sampler_state, params, data):
     return bs.refresh(self.config, sampler_state, all_exact_norms(
         self._loss_fn, params, data, chunk_size=self._oracle_chunk,
-        method=self._exact_method))
+        method=self._chunk_method(params, data, self._oracle_chunk)))
 
   def steps(self, state: RunnerState, key: chex.PRNGKey, data: PyTree, *,
             num_steps: Optional[int] = None) -> tuple[RunnerState, StepMetrics]:
@@ -498,12 +519,15 @@ class Runner:
         if key_now[2] == step + self.pt_delay:  # D was full: submitted
           self.service.submit(state.sampler.pending)
           due_key = key_now
-    if num_steps and int(state.skipped_steps) - skipped == num_steps:
+    newly_skipped = int(state.skipped_steps) - skipped
+    if newly_skipped:
       warnings.warn(
-          f"every one of the {num_steps} steps was skipped: its loss or "
-          "gradient was not finite (e.g. a NaN input column, or labels out of "
-          "range of the model's classes). Check the data.", RuntimeWarning,
-          stacklevel=2)
+          f"{'every one' if newly_skipped == num_steps else newly_skipped} of "
+          f"the {num_steps} steps {'was' if newly_skipped == num_steps else 'were'} "
+          "skipped: the loss or gradient was not finite (NaN or inf in the "
+          "inputs, labels outside the model's classes, or divergence: then "
+          "lower the learning rate). RunnerState.skipped_steps counts them.",
+          RuntimeWarning, stacklevel=2)
     return state, jax.tree.map(lambda *x: jnp.concatenate(x), *metrics)
 
   def run_epoch(self, state: RunnerState, key: chex.PRNGKey,
@@ -581,7 +605,12 @@ def make_runner(model_fn: ModelFn, loss_head: LossHead,
       rounded up to multiples of K. Blocks longer than half the (PT) period
       get a warning (measured on MNIST-1D: K = 25 of a 125-step period
       needed as many epochs as K = 1; K = 125 diverged).
-    exact_method: ``"ghost"`` or ``"vmap"`` for exact norms.
+    exact_method: how exact norms are computed: ``"ghost"`` (default; one
+      backward pass, deterministic), ``"vmap"``, or ``"auto"``: the faster of
+      the two for this model and batch, measured once when the first block is
+      traced (:func:`rais_jax.choose_method`; the choice is in
+      :attr:`Runner.chosen_methods`; pass it by name where runs in separate
+      processes must be bit-identical, e.g. a resumed checkpoint).
     oracle_period: O-SGD refreshes all n exact norms every this many steps
       (rounded up to a multiple of K).
     oracle_chunk_size: examples per chunk of that refresh (default m).

@@ -62,11 +62,20 @@ class StepMetrics(NamedTuple):
 
 
 def softmax_cross_entropy_head(label_key: str = "label") -> LossHead:
-  """Per-example softmax cross-entropy against ``batch[label_key]``."""
+  """Per-example softmax cross-entropy against ``batch[label_key]``.
+
+  A label outside [0, C) for C logits gives a NaN loss (optax's would be
+  NaN above C but wrap a negative label onto a class): the step that draws
+  it is skipped and counted (:attr:`RunnerState.skipped_steps`, with a
+  warning from :meth:`Runner.run`), and :func:`evaluate` counts it.
+  """
 
   def head(logits: chex.Array, batch: PyTree) -> chex.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch[label_key])
+    labels = batch[label_key]
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels)
+    valid = (labels >= 0) & (labels < logits.shape[-1])
+    return jnp.where(valid, losses, jnp.nan)
 
   return head
 
@@ -255,7 +264,9 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
       refresh costs n per-example gradients).
     oracle_chunk_size: examples per chunk in that refresh (default m).
     exact_method: how exact norms are computed, for ``norms="exact"`` and the
-      oracle refresh: ``"ghost"`` (default) or ``"vmap"`` (the reference).
+      oracle refresh: ``"ghost"`` (default), ``"vmap"`` (the reference) or
+      ``"auto"`` (the faster of the two, measured each time the step is
+      traced: :func:`rais_jax.choose_method`).
     batch_sharding: data parallelism: a sharding for the sampled batch (leading
       axis m), e.g. ``NamedSharding(mesh, P("data"))``. The m examples are
       then spread over the devices, and the forward and backward passes and
@@ -346,10 +357,15 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
 def evaluate(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
              data: PyTree, *, label_key: str = "label",
              chunk_size: int = 1024) -> dict[str, chex.Array]:
-  """Mean loss and accuracy over all of ``data`` (uniform weights)."""
+  """Mean loss and accuracy over all of ``data`` (uniform weights).
+
+  ``"nonfinite"`` counts the examples whose loss is not finite (NaN inputs,
+  labels outside the model's classes): the mean loss is then NaN.
+  """
   def chunk(batch):
     out = model_fn(params, batch)
     return loss_head(out, batch), jnp.argmax(out, -1) == batch[label_key]
 
   losses, correct = chunked_map(chunk, data, chunk_size)
-  return {"loss": losses.mean(), "accuracy": correct.mean()}
+  return {"loss": losses.mean(), "accuracy": correct.mean(),
+          "nonfinite": jnp.sum(~jnp.isfinite(losses))}

@@ -1,4 +1,5 @@
-"""Ghost norms agree with the vmap reference on a zoo of models."""
+"""Ghost norms (the whole pass, :mod:`rais_jax.ghost.backward`) agree with the
+vmap reference on a zoo of models; the kernels alone: test_ghost_kernels.py."""
 
 import warnings
 
@@ -10,7 +11,7 @@ import pytest
 from jax import export
 
 import rais_jax as rj
-from rais_jax import ghost
+from rais_jax.ghost import batched as batched_lib
 from rais_jax.testing import zoo
 
 M = 6
@@ -88,13 +89,13 @@ def test_batched_trace_matches_the_one_example_trace(name, monkeypatch):
   run = lambda: jax.jit(lambda p, b: rj.value_grad_and_norms(
       problem.loss_fn, p, b, weights=weights))(problem.params, problem.batch)
   taken = []
-  original = ghost._batched_trace
-  monkeypatch.setattr(ghost, "_batched_trace",
+  original = batched_lib.batched_trace
+  monkeypatch.setattr(batched_lib, "batched_trace",
                       lambda *a: taken.append(original(*a) is not None) or original(*a))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     batched = run()
-    monkeypatch.setattr(ghost, "_batched_trace", lambda *a: None)
+    monkeypatch.setattr(batched_lib, "batched_trace", lambda *a: None)
     fallback = run()
   assert taken == [name != "rnn"]
   np.testing.assert_allclose(batched[2], fallback[2], rtol=1e-5)
@@ -173,47 +174,6 @@ def test_shape_polymorphic_in_batch_size():
     batch = jax.tree.map(lambda x: jnp.concatenate([x, x])[:size], problem.batch)
     ref = _vmap_norms(problem.loss_fn, problem.params, batch)
     np.testing.assert_allclose(exported.call(problem.params, batch), ref, rtol=1e-5)
-
-
-def _coupled_losses():
-  problem = zoo.mlp(M)
-
-  def batch_norm(p, b):  # BatchNorm in training mode: batch statistics
-    x = b["x"]
-    x = (x - x.mean(0)) / jnp.sqrt(x.var(0) + 1e-5)
-    return problem.loss_fn(p, {**b, "x": x})
-
-  def centred(p, b):  # a batch-level reduction
-    losses = problem.loss_fn(p, b)
-    return losses - losses.mean()
-
-  return problem, {"batch_norm": batch_norm, "centred": centred}
-
-
-@pytest.mark.parametrize("kind", ["batch_norm", "centred"])
-def test_coupled_losses_are_refused(kind):
-  problem, losses = _coupled_losses()
-  with pytest.raises(ValueError, match="couples examples"):
-    jax.jit(lambda p, b: rj.per_example_grad_norms(losses[kind], p, b))(
-        problem.params, problem.batch)
-  # The check can be skipped; the norms are then those of the loss traced for
-  # one example at a time.
-  rj.per_example_grad_norms(losses[kind], problem.params, problem.batch,
-                            separable_check=False)
-
-
-def test_loss_closing_over_traced_values():
-  """A loss that closes over a value traced by the enclosing jit (here a
-  temperature) cannot be probed for coupling eagerly; it is still exact."""
-  problem = zoo.mlp(M)
-
-  @jax.jit
-  def norms(params, batch, temperature):
-    loss_fn = lambda p, b: problem.loss_fn(p, b) / temperature
-    return rj.per_example_grad_norms(loss_fn, params, batch)
-
-  ref = _vmap_norms(problem.loss_fn, problem.params, problem.batch)
-  np.testing.assert_allclose(norms(problem.params, problem.batch, 2.0), ref / 2, rtol=1e-5)
 
 
 def test_weights_and_errors():

@@ -385,7 +385,8 @@ def test_nan_examples_skip_exactly_their_steps(problem, norms):
   x[[5, 77, 150]] = np.nan
   bad = {**data, "x": jnp.asarray(x)}
   runner = _runner(problem, norms=norms)
-  state, metrics = runner.run(runner.init(params), jax.random.key(3), bad, 160)
+  with pytest.warns(RuntimeWarning, match=r"\d+ of the 160 steps were skipped"):
+    state, metrics = runner.run(runner.init(params), jax.random.key(3), bad, 160)
   runner.close()
   finite_loss = np.isfinite(np.asarray(metrics.loss))
   np.testing.assert_array_equal(np.asarray(metrics.applied), finite_loss)
@@ -414,9 +415,45 @@ def test_nonfinite_gradient_behind_a_finite_loss_is_skipped(problem):
   runner = rj.make_runner(model, rj.softmax_cross_entropy_head(), rj.rais_sgd(0.05),
                           rj.uniform_sampler(N, batch_size=M), norms=None,
                           block_size=K)
-  state, metrics = runner.run(runner.init(params), jax.random.key(1), data, 80)
+  with pytest.warns(RuntimeWarning, match="steps were skipped"):
+    state, metrics = runner.run(runner.init(params), jax.random.key(1), data, 80)
   assert np.all(np.isfinite(np.asarray(metrics.loss)))
   skipped = int(state.skipped_steps)
   assert skipped == int((~np.asarray(metrics.applied)).sum()) and 2 <= skipped <= 30
   assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(
       (state.params, state.opt_state)))
+
+
+def test_out_of_range_labels_are_skipped_with_a_warning_and_counted(problem):
+  """Labels outside [0, C), also negative ones (which optax's loss would wrap
+  onto a class), give NaN losses: their steps are skipped with a warning,
+  and evaluate counts them."""
+  data, model_fn, params, _ = problem
+  labels = np.asarray(data["label"]).copy()
+  labels[[4, 100]] = [CLASSES, -1]
+  bad = {**data, "label": jnp.asarray(labels)}
+  runner = _runner(problem, norms="exact")
+  with pytest.warns(RuntimeWarning, match="labels outside the model's classes"):
+    state, metrics = runner.run(runner.init(params), jax.random.key(3), bad, 64)
+  runner.close()
+  assert int(state.skipped_steps) == int((~np.asarray(metrics.applied)).sum()) >= 1
+  result = rj.evaluate(model_fn, rj.softmax_cross_entropy_head(), params, bad)
+  assert int(result["nonfinite"]) == 2 and np.isnan(float(result["loss"]))
+
+
+def test_auto_exact_method_is_measured_once_and_used(problem):
+  """exact_method="auto" measures once per runner (every block program uses
+  the same choice) and trains exactly as the method it chose, named."""
+  data, model_fn, params, labels = problem
+  make = lambda method: rj.make_runner(
+      model_fn, rj.softmax_cross_entropy_head(), rj.rais_sgd(0.05, momentum=0.9),
+      _sampler("rais", labels, "sync"), norms="exact", exact_method=method,
+      block_size=K)
+  auto = make("auto")
+  with auto:  # (PT) solves between blocks: two more programs to trace
+    a, _ = auto.run(auto.init(params), jax.random.key(5), data, 32)
+  (chosen,) = auto.chosen_methods.values()
+  assert chosen in ("ghost", "vmap")
+  with make(chosen) as named:
+    b, _ = named.run(named.init(params), jax.random.key(5), data, 32)
+  jax.tree.map(np.testing.assert_array_equal, a.params, b.params)

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from typing import Optional, Sequence
 
+from rais_jax import norms as norms_lib
 from rais_jax.experiments import compare
 
 _DEFAULTS = compare.CompareConfig()
@@ -56,6 +57,11 @@ def parser() -> argparse.ArgumentParser:
                  help="RAIS's per-example gradient norms: exact ghost norms "
                  "(default: the exact gain ratio) or the softmax-logit proxy "
                  "(scale-free gain ratio)")
+  c.add_argument("--exact-method", choices=list(norms_lib.METHODS),
+                 default=_DEFAULTS.exact_method,
+                 help="how exact norms are computed: ghost norms (one backward "
+                 "pass), vmap of per-example gradients, or auto (the faster of "
+                 "the two, measured once per run)")
   c.add_argument("--r-max", type=float, default=_DEFAULTS.r_max,
                  help="upper clip of the gain ratio (default: the batch size)")
   c.add_argument("--oracle-period", type=int, default=_DEFAULTS.oracle_period,

@@ -71,7 +71,8 @@ class CompareConfig:
   lr: float = 0.05
   lr_schedule: str = "cosine"
   momentum: float = 0.9
-  norms: str = "exact"  # how RAIS measures u_k: "exact" (ghost) or "proxy"
+  norms: str = "exact"  # how RAIS measures u_k: "exact" or "proxy"
+  exact_method: str = "ghost"  # exact norms by "ghost", "vmap" or "auto" (measured)
   oracle_period: int = 10  # O-SGD refreshes all n exact norms every k steps
   r_max: Optional[float] = None  # upper clip of RAIS's and O-SGD's gain ratio (default m)
   # The uniform floor ε of RAIS, naive and loss-is (default: each sampler's
@@ -98,6 +99,9 @@ class CompareConfig:
                        f"{self.lr_schedule!r}.")
     if self.norms not in ("proxy", "exact"):
       raise ValueError(f"norms must be 'proxy' or 'exact'; got {self.norms!r}.")
+    if self.exact_method not in rj.norms.METHODS:
+      raise ValueError(f"exact_method must be one of {rj.norms.METHODS}; got "
+                       f"{self.exact_method!r}.")
     for name in ("epochs", "batch_size", "oracle_period", "block_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be ≥ 1; got {getattr(self, name)}.")
@@ -183,6 +187,7 @@ class _Runner:
     head = rj.softmax_cross_entropy_head()
     self.runner = rj.make_runner(model_fn, head, self.optimizer, self.sampler,
                                  norms=_norms(method, config),
+                                 exact_method=config.exact_method,
                                  block_size=self.block_size,
                                  oracle_period=config.oracle_period)
     self.evaluate = jax.jit(lambda p, d: rj.evaluate(model_fn, head, p, d))

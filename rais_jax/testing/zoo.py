@@ -97,6 +97,28 @@ def cnn(m: int, size: str = "test", seed: int = 0) -> Problem:
                       "conv")
 
 
+class PoolCNN(nnx.Module):
+  """LeNet-style: convolution, ReLU and 2×2 max-pooling, twice, then dense."""
+
+  def __init__(self, side: int, channels: int, width: int, *, rngs: nnx.Rngs):
+    self.c1 = nnx.Conv(channels, width, (3, 3), padding="SAME", rngs=rngs)
+    self.c2 = nnx.Conv(width, 2 * width, (3, 3), padding="SAME", rngs=rngs)
+    self.out = nnx.Linear((side // 4) ** 2 * 2 * width, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.max_pool(jax.nn.relu(self.c1(x)), (2, 2), (2, 2))
+    x = nnx.max_pool(jax.nn.relu(self.c2(x)), (2, 2), (2, 2))
+    return self.out(x.reshape(x.shape[0], -1))
+
+
+def pool_cnn(m: int, size: str = "test", seed: int = 0) -> Problem:
+  side, channels, width = (28, 1, 32) if size == "bench" else (8, 2, 3)
+  module = PoolCNN(side, channels, width, rngs=nnx.Rngs(seed))
+  return _nnx_problem(module,
+                      _images(jax.random.key(seed + 1), m, side, channels),
+                      "conv")
+
+
 class NormMLP(nnx.Module):
   """Dense layers with LayerNorm and RMSNorm (learned scales and biases)."""
 
@@ -255,7 +277,7 @@ def linen_mlp(m: int, size: str = "test", seed: int = 0) -> Problem:
 
 
 ZOO: dict[str, Callable[..., Problem]] = {
-    "mlp": mlp, "cnn": cnn, "layernorm_mlp": layernorm_mlp,
+    "mlp": mlp, "cnn": cnn, "pool_cnn": pool_cnn, "layernorm_mlp": layernorm_mlp,
     "transformer": transformer, "text": text, "tied": tied,
     "scan_layers": scan_layers, "rnn": rnn, "linen_mlp": linen_mlp,
 }
