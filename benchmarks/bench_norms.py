@@ -1,6 +1,6 @@
 """Cost of exact per-example gradient norms relative to a plain gradient.
 
-    python benchmarks/bench_norms.py [--models mlp cnn ...] [--batch-sizes 32 128 512]
+    python benchmarks/bench_norms.py [--models mlp cnn ...] [--batch-sizes 32 128 512] [--out norms]
 
 For every model of :mod:`rais_jax.testing.zoo` (``size="bench"``) and batch size m,
 three jitted functions are timed round-robin in one process (medians of at
@@ -51,6 +51,7 @@ def main(argv=None):
   p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128, 512])
   p.add_argument("--vmap-max-m", type=int, default=128)
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--out", default="norms", help="results/OUT.json and .md")
   args = p.parse_args(argv)
   rows = []
   for name in args.models:
@@ -105,7 +106,7 @@ def main(argv=None):
       rows.append(row)
       print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
             flush=True)
-  md = write("norms", rows, list(rows[0]),
+  md = write(args.out, rows, list(rows[0]),
              "Exact per-example gradient norms: time and scratch memory vs a plain "
              "gradient (CPU)")
   print(md)

@@ -43,7 +43,7 @@ from rais_jax.ghost.walker import Site
 HIGHEST = lax.Precision.HIGHEST
 
 
-def f32(x):
+def _f32(x):
   return x.astype(jnp.float32)
 
 
@@ -51,7 +51,7 @@ def gram_or_outer_sq(x: chex.Array, d: chex.Array) -> chex.Array:
   """‖Σ_t x_bt d_btᵀ‖² summed over b, for x (B,T,A), d (B,T,C)."""
   _, t, a = x.shape
   c = d.shape[-1]
-  x, d = f32(x), f32(d)
+  x, d = _f32(x), _f32(d)
   if t * (a + c) <= a * c:
     kx = jnp.einsum("bta,bsa->bts", x, x, precision=HIGHEST)
     kd = jnp.einsum("btc,bsc->bts", d, d, precision=HIGHEST)
@@ -124,7 +124,7 @@ def _embedding_factors(site: Site, indices: chex.Array, delta: chex.Array
   valid = jnp.ones(tok.shape, bool)
   if site.eqn.params["mode"] == lax.GatherScatterMode.FILL_OR_DROP:
     valid = (tok >= 0) & (tok < vocab)  # dropped lookups get no gradient
-  delta = jnp.where(valid[:, None], f32(delta).reshape(-1, width), 0.0)
+  delta = jnp.where(valid[:, None], _f32(delta).reshape(-1, width), 0.0)
   return Tokens(jnp.clip(tok, 0, vocab - 1), valid), delta
 
 
@@ -202,7 +202,7 @@ def _shared_factors(site: Site, layout: int, data: Sequence[Any],
   if site_kind(site) == "embedding":
     return _embedding_factors(site, data[0], delta)
   xs, ds = dot_general_factors(site, data[0], delta)
-  xs, ds = f32(xs[0]), f32(ds[0])
+  xs, ds = _f32(xs[0]), _f32(ds[0])
   (w_contracted,) = dot_general_dims(site)[2]
   # The leaf's axis 0 is the site operand's axis `layout`.
   return (xs, ds) if w_contracted == layout else (ds, xs)
