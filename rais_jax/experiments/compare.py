@@ -37,6 +37,7 @@ import pathlib
 import statistics
 import subprocess
 import time
+import warnings
 from typing import Any, Optional, Sequence
 
 import jax
@@ -216,7 +217,15 @@ class _Runner:
 
   def _epoch(self, state, key, gain: float, budget: int):
     """One epoch of steps; RAIS and O-SGD stop inside it once τ reaches the
-    budget (checked block by block only near the end, where it can)."""
+    budget (checked block by block only near the end, where it can).
+    Skipped steps are recorded per point (``skipped_steps``), not warned of
+    epoch after epoch."""
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", r".* steps (was|were) skipped",
+                              RuntimeWarning)
+      return self._steps_of_epoch(state, key, gain, budget)
+
+  def _steps_of_epoch(self, state, key, gain: float, budget: int):
     if self.method not in BOOSTED or budget - self._tau(state) > 2 * max(gain, 1.0):
       return self.runner.run_epoch(state, key, self.train)
     k, metrics = self.runner.block_size, []
