@@ -170,7 +170,7 @@ def choose_method(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
 
 
 def _resolve(method: str, loss_fn: LossFn, params: PyTree, batch: PyTree) -> str:
-  _check_method(method)
+  """A checked ``method`` by name, with "auto" measured."""
   return choose_method(loss_fn, params, batch) if method == "auto" else method
 
 

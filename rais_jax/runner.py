@@ -521,10 +521,10 @@ class Runner:
           due_key = key_now
     newly_skipped = int(state.skipped_steps) - skipped
     if newly_skipped:
+      which = (f"every one of the {num_steps} steps was" if newly_skipped == num_steps
+               else f"{newly_skipped} of the {num_steps} steps were")
       warnings.warn(
-          f"{'every one' if newly_skipped == num_steps else newly_skipped} of "
-          f"the {num_steps} steps {'was' if newly_skipped == num_steps else 'were'} "
-          "skipped: the loss or gradient was not finite (NaN or inf in the "
+          f"{which} skipped: the loss or gradient was not finite (NaN or inf in the "
           "inputs, labels outside the model's classes, or divergence: then "
           "lower the learning rate). RunnerState.skipped_steps counts them.",
           RuntimeWarning, stacklevel=2)
