@@ -25,8 +25,9 @@ schedule (:func:`make_runner`):
 
 Every weight uses the p its index was drawn from, so g_R stays unbiased; the
 features, trees and the gain ratio r are up to K steps stale (with K = 1,
-r is re-estimated every step, as in :func:`rais_jax.make_train_step`). The (PT) period becomes a multiple
-of K: P = K ⌈⌈|D|/m⌉ / K⌉ steps, and its delay a whole number of blocks.
+r is re-estimated every step, as in :func:`rais_jax.make_train_step`). The
+(PT) period becomes a multiple of K: P = K ⌈⌈|D|/m⌉ / K⌉ steps, and its delay
+a whole number of blocks.
 
 :meth:`Runner.run` drives blocks from the host (methods without period
 work may end a run with shorter blocks: lengths K, then powers of two);
