@@ -104,12 +104,18 @@ class SolveService:
 
   @staticmethod
   def key(pending: PendingSolve) -> tuple:
-    """(due, fingerprint) read to the host: waits for ``pending`` to exist."""
-    return tuple(float(v) for v in jax.device_get(_local(fingerprint(pending))))
+    """(Σ norms, Σ probs, due) read to the host: waits for ``pending`` to exist."""
+    return SolveService.key_of(fingerprint(pending))
 
-  def submit(self, pending: PendingSolve) -> None:
-    """Starts solving ``pending`` (no-op if already in flight)."""
-    key = self.key(pending)
+  @staticmethod
+  def key_of(fingerprint_: jax.Array) -> tuple:
+    """The key of a :func:`fingerprint` computed on device (a host read)."""
+    return tuple(float(v) for v in jax.device_get(_local(fingerprint_)))
+
+  def submit(self, pending: PendingSolve, *, key: Optional[tuple] = None) -> None:
+    """Starts solving ``pending`` (no-op if already in flight); ``key``, if
+    given, is its :meth:`key`, already read."""
+    key = self.key(pending) if key is None else key
     if key in self._results:
       return
     # A copy through host memory, never an alias: the next programs donate

@@ -155,7 +155,8 @@ class Runner:
     self._batch_sharding = batch_sharding
     # The state is donated: the O(n) sampler arrays are updated in place.
     self._jitted = {name: jax.jit(getattr(self, name), donate_argnums=0)
-                    for name in ("refresh", "deliver", "submit", "plan")}
+                    for name in ("refresh", "deliver", "submit", "plan",
+                                 "_submit_snapshot")}
     self._jitted["steps"] = jax.jit(self.steps, donate_argnums=0,
                                     static_argnames="num_steps")
     self._jitted["fed_steps"] = jax.jit(self.fed_steps, donate_argnums=0)
@@ -436,6 +437,25 @@ class Runner:
                            s.pending)
     return state.replace(sampler=s.replace(pending=pending))
 
+  def _submit_snapshot(self, state: RunnerState
+                       ) -> tuple[RunnerState, tuple[bs.PendingSolve, chex.Array]]:
+    """:meth:`submit`, and the snapshot it holds with its fingerprint as
+    separate buffers: the next block donates the state, not these, so the
+    host can read them while that block runs."""
+    state = self.submit(state)
+    pending = state.sampler.pending
+    return state, (pending, pt_service.fingerprint(pending))
+
+  def _hand_over(self, snapshot: bs.PendingSolve, fingerprint: chex.Array,
+                 due: int) -> Optional[tuple]:
+    """Gives the service the snapshot :meth:`_submit_snapshot` took if it is
+    a new one, due at step ``due`` (D was full); returns its key, else None."""
+    key = self.service.key_of(fingerprint)
+    if key[2] != due:
+      return None
+    self.service.submit(snapshot, key=key)
+    return key
+
   def _refresh_due(self, step) -> Any:
     return step % self.oracle_period == 0
 
@@ -491,7 +511,8 @@ class Runner:
     of K); the other methods end with shorter blocks where needed.
     ``state`` is donated (its buffers are reused in place): continue from
     the returned state. The host reads the device once per call and once per
-    (PT) period (the snapshot's key); otherwise it only dispatches.
+    (PT) period (the snapshot, after the next block is dispatched, so the
+    device does not wait for it); otherwise it only dispatches.
     """
     k = self.block_size
     loader = data if callable(data) else None
@@ -512,6 +533,10 @@ class Runner:
         self.service.submit(state.sampler.pending)
     jitted = self._jitted
     metrics = []
+    # A snapshot taken at a period boundary is handed to the service only
+    # after the next block is dispatched: reading it waits for the snapshot,
+    # not for that block, so the device never idles for the host.
+    taken = None
     for length in self._block_lengths(num_steps):
       if self.config.kind == "oracle" and self._refresh_due(step):
         state = jitted["refresh"](state, data)
@@ -527,16 +552,18 @@ class Runner:
       step += length
       if self.service is None:
         continue
+      if taken is not None:
+        due_key = self._hand_over(*taken) or due_key
+        taken = None
       if due_key is not None and due_key[2] == step:
         solved = self.service.take(due_key, (state.sampler.c, state.sampler.d))
         state = jitted["deliver"](state, solved)
         due_key = None
       if step % self.pt_period == 0:
-        state = jitted["submit"](state)
-        key_now = self.service.key(state.sampler.pending)
-        if key_now[2] == step + self.pt_delay:  # D was full: submitted
-          self.service.submit(state.sampler.pending)
-          due_key = key_now
+        state, snapshot = jitted["_submit_snapshot"](state)
+        taken = (*snapshot, step + self.pt_delay)
+    if taken is not None:
+      self._hand_over(*taken)
     newly_skipped = int(state.skipped_steps) - skipped
     if newly_skipped:
       which = (f"every one of the {num_steps} steps was" if newly_skipped == num_steps
