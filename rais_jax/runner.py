@@ -450,10 +450,12 @@ class Runner:
                  due: int) -> Optional[tuple]:
     """Gives the service the snapshot :meth:`_submit_snapshot` took if it is
     a new one, due at step ``due`` (D was full); returns its key, else None."""
-    key = self.service.key_of(fingerprint)
+    service = self.service
+    assert service is not None  # only runners with (PT) take snapshots
+    key = service.key_of(fingerprint)
     if key[2] != due:
       return None
-    self.service.submit(snapshot, key=key)
+    service.submit(snapshot, key=key)
     return key
 
   def _refresh_due(self, step) -> Any:
