@@ -44,9 +44,6 @@ class GainRatioState(NamedTuple):
   skipped: chex.Array  # int32 updates skipped for non-finite inputs
 
 
-_NAMES = ("uniform_moment", "robust_moment", "grad_sq_norm", "grad_halves_inner")
-
-
 def init() -> GainRatioState:
   # Separate buffers (not one shared zero), so the state can be donated.
   f32 = lambda: jnp.zeros((), jnp.float32)
@@ -79,44 +76,12 @@ def update(state: GainRatioState, norms: chex.Array, probs: chex.Array,
       jnp.mean(norms * scaled), jnp.mean(scaled**2), grad_sq_norm,
       jnp.zeros(()) if grad_halves_inner is None else grad_halves_inner)]
   finite = jnp.all(jnp.stack([jnp.isfinite(x) for x in measured]))
+  names = ("uniform_moment", "robust_moment", "grad_sq_norm", "grad_halves_inner")
   new = {name: jnp.where(finite, (1 - alpha) * getattr(state, name) + alpha * x,
                          getattr(state, name))
-         for name, x in zip(_NAMES, measured)}
+         for name, x in zip(names, measured)}
   return GainRatioState(**new, count=state.count + finite.astype(jnp.int32),
                         skipped=state.skipped + (~finite).astype(jnp.int32))
-
-
-
-def update_many(state: GainRatioState, norms: chex.Array, probs: chex.Array,
-                num_examples: int, grad_sq_norms: chex.Array, *,
-                grad_halves_inner: Optional[chex.Array] = None,
-                alpha: float = 0.01) -> GainRatioState:
-  """K steps of :func:`update` at once (``norms``, ``probs``: (K, m); the rest (K,)).
-
-  The EMA over the finite steps in closed form: with f_t = 1 for a finite
-  step and x_t its measurement, s_K = (1 − α)^F s_0 + Σ_t f_t α x_t (1 − α)^(F_t),
-  F = Σ f, F_t = Σ_{u > t} f_u. A few fused ops on (K,) vectors instead of K
-  chains of scalar ops: the fast path (:mod:`rais_jax.runner`) folds a whole
-  block's measurements in after the block. Equal to K calls of
-  :func:`update` up to float rounding.
-  """
-  scaled = norms / (num_examples * probs)
-  zeros = jnp.zeros_like(grad_sq_norms)
-  measured = jnp.stack([jnp.asarray(x, jnp.float32) for x in (
-      jnp.mean(norms * scaled, axis=-1), jnp.mean(scaled**2, axis=-1),
-      grad_sq_norms, zeros if grad_halves_inner is None else grad_halves_inner)])
-  finite = jnp.all(jnp.isfinite(measured), axis=0)  # (K,)
-  f = finite.astype(jnp.float32)
-  later = jnp.sum(f) - jnp.cumsum(f)  # F_t: finite steps after t
-  decay = jnp.float32(1.0 - alpha)
-  weights = jnp.where(finite, alpha * decay**later, 0.0)
-  contributions = jnp.sum(jnp.where(finite, measured, 0.0) * weights, axis=1)
-  total_decay = decay ** jnp.sum(f)
-  new = {name: total_decay * getattr(state, name) + contributions[i]
-         for i, name in enumerate(_NAMES)}
-  num_finite = finite.sum(dtype=jnp.int32)
-  return GainRatioState(**new, count=state.count + num_finite,
-                        skipped=state.skipped + (finite.size - num_finite))
 
 
 class ExactGainRatio(NamedTuple):

@@ -10,24 +10,20 @@ schedule (:func:`make_runner`):
    (K, m), with their p (:func:`rais_jax.block_sampler.draw`);
 2. the block is one ``lax.scan`` whose body is the plain step plus a few
    fused element-wise ops: gather the batch, loss, gradient and per-example
-   norms u_k in one backward pass, ‖g‖², and the optimizer update with
-   ``gain_ratio=r``, where r is the block's gain ratio, estimated from the
-   steps before it (no ``cond``, no ``while``, no callback: tested on the
-   compiled program); a block with a non-finite step is re-run with a
-   select that drops exactly those updates;
+   norms u_k in one backward pass, the gain ratio r from the moment EMAs,
+   the optimizer update with ``gain_ratio=r``, and a select that drops a
+   non-finite update (no ``cond``, no ``while``, no callback: tested on the
+   compiled program);
 3. after the block, the K·m measurements are folded into features, the ring
-   buffer D and the sum-trees at once, and the K steps' moments into the
-   gain ratio's EMAs (:func:`rais_jax.gain_ratio.update_many`);
+   buffer D and the sum-trees at once;
 4. at the block boundaries the schedule names, separate small programs do the
    period work: apply a (PT) result that is due, snapshot D for the next
    solve, refresh the O-SGD oracle. No ``cond`` carries the O(n) sampler
    state (XLA copies a conditional's operands).
 
 Every weight uses the p its index was drawn from, so g_R stays unbiased; the
-features, trees and the gain ratio r are up to K steps stale (with K = 1,
-r is re-estimated every step, as in :func:`rais_jax.make_train_step`). The
-(PT) period becomes a multiple of K: P = K ⌈⌈|D|/m⌉ / K⌉ steps, and its delay
-a whole number of blocks.
+features and trees are up to K steps stale. The (PT) period becomes a multiple
+of K: P = K ⌈⌈|D|/m⌉ / K⌉ steps, and its delay a whole number of blocks.
 
 :meth:`Runner.run` drives blocks from the host (methods without period
 work may end a run with shorter blocks: lengths K, then powers of two);
@@ -50,7 +46,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import chex
 import jax
@@ -91,16 +87,6 @@ _NEED_ALL_DATA = {
     "selective": "Selective-Backprop forwards candidates drawn inside the "
                  "step: it needs the whole training set on device, not a loader.",
 }
-
-
-class _StepOut(NamedTuple):
-  """What one step of the block's scan emits (stacked to (K, ...) by the scan)."""
-
-  measured: Optional[chex.Array]  # what the sampler folds in: u_k or losses
-  loss: chex.Array
-  grad_sq_norm: chex.Array  # ‖g_R‖² (NaN where nothing needs it)
-  grad_halves_inner: Optional[chex.Array]  # ⟨g_A, g_B⟩ (proxy norms)
-  applied: chex.Array  # bool: the loss (and ‖g‖², where computed) is finite
 
 
 def _tree_select(pred: chex.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
@@ -234,8 +220,7 @@ class Runner:
       return batch
     return jax.lax.with_sharding_constraint(batch, self._batch_sharding)
 
-  def _step(self, data: Optional[PyTree], context, r: chex.Array, carry, xs, *,
-            guarded: bool):
+  def _step(self, data: Optional[PyTree], context, carry, xs, *, guarded: bool):
     """One SGD step of the block's scan: no branch, no callback.
 
     ``xs`` is the step's draw, gathered from ``data``; or, with ``data``
@@ -243,18 +228,15 @@ class Runner:
 
     ``context`` is the sampler state at the block's start (InfoBatch reads
     its schedule advance); Selective-Backprop's small state (its loss
-    history) is in the carry instead, updated every step. ``r`` is the gain
-    ratio of the whole block, estimated from the steps before it: the
-    moments take the block's measurements after it (:meth:`_block`), so the
-    loop holds no scalar bookkeeping. ``guarded`` selects the old
-    parameters and optimizer state when the step's loss or gradient is not
-    finite; the fast scan leaves that out (a select keeps both versions
-    alive, which costs a copy of the optimizer state every step) and the
-    block re-runs guarded only when needed.
+    history) is in the carry instead, updated every step. ``guarded``
+    selects the old parameters and optimizer state when the step's loss or
+    gradient is not finite; the fast scan leaves that out (a select keeps
+    both versions alive, which costs a copy of the optimizer state every
+    step) and the block re-runs guarded only when needed.
 
-    Returns the carry and the step's :class:`_StepOut`.
+    Returns the carry and (what the sampler folds in, the step's metrics).
     """
-    params, opt_state, skipped, stepwise = carry
+    params, opt_state, moments, skipped, stepwise = carry
     cfg = self.config
     drawn, loaded = xs if data is None else (xs, None)
     if cfg.kind == "selective":  # forward the candidates, keep high losses
@@ -275,6 +257,9 @@ class Runner:
         norms=self._norms,
         exact_method=self._method(params, batch) if self._norms == "exact" else "ghost")
     loss = jnp.mean(weights * losses)
+    # r comes from past steps only, so this step's noise does not set its own
+    # learning rate.
+    r = self._gain_ratio(moments)
     if not cfg.measures and not guarded:
       # ‖g‖² is a pass over the gradient that only the gain ratio needs; the
       # block's final check catches a non-finite gradient behind a finite loss.
@@ -283,6 +268,10 @@ class Runner:
     else:
       grad_sq_norm = optax.tree.norm(grads, squared=True)
       applied = jnp.isfinite(loss) & jnp.isfinite(grad_sq_norm)
+    if cfg.measures:
+      moments = gain_ratio_lib.update(
+          moments, u, drawn.probs, cfg.num_examples, grad_sq_norm,
+          grad_halves_inner=inner, alpha=cfg.ema_rate)
     extra = ({"schedule_advance": context.schedule_advance}
              if cfg.kind == "infobatch" else {})
     updates, new_opt_state = self.optimizer.update(grads, opt_state, params,
@@ -292,19 +281,18 @@ class Runner:
       new_params = _tree_select(applied, new_params, params)
       new_opt_state = _tree_select(applied, new_opt_state, opt_state)
       skipped = skipped + (~applied).astype(jnp.int32)
-    carry = (new_params, new_opt_state, skipped, stepwise)
+    carry = (new_params, new_opt_state, moments, skipped, stepwise)
     if cfg.kind == "selective":
       measured = None  # recorded in the carry
     elif cfg.kind in ("loss", "infobatch"):
       measured = losses
-    elif cfg.measures:
-      measured = u
     else:
-      measured = None
-    return carry, _StepOut(measured=measured, loss=loss, grad_sq_norm=grad_sq_norm,
-                           grad_halves_inner=inner, applied=applied)
+      measured = u
+    return carry, (measured, StepMetrics(loss=loss, gain_ratio=r,
+                                         grad_sq_norm=grad_sq_norm,
+                                         applied=applied))
 
-  def _scan(self, data: Optional[PyTree], context, r: chex.Array, carry, xs):
+  def _scan(self, data: Optional[PyTree], context, carry, drawn):
     """The K steps: fast, then re-run guarded if anything was not finite.
 
     The fast scan is accepted when every step's loss (and ‖g‖²) is finite and
@@ -315,15 +303,17 @@ class Runner:
     skips exactly the non-finite steps. The check is one pass over the
     parameters per block, and the ``cond`` runs once per block.
     """
-    step = lambda guarded: functools.partial(self._step, data, context, r,
-                                             guarded=guarded)
-    fast, out = jax.lax.scan(step(False), carry, xs)
+    fast, out = jax.lax.scan(
+        functools.partial(self._step, data, context, guarded=False), carry, drawn)
+    _, metrics = out
     finite = jax.tree.leaves(jax.tree.map(
         lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
         else jnp.ones((), bool), (fast[0], fast[1])))
-    ok = jnp.all(out.applied) & jnp.all(jnp.stack(finite))
-    return jax.lax.cond(ok, lambda: (fast, out),
-                        lambda: jax.lax.scan(step(True), carry, xs))
+    ok = jnp.all(metrics.applied) & jnp.all(jnp.stack(finite))
+    return jax.lax.cond(
+        ok, lambda: (fast, out),
+        lambda: jax.lax.scan(functools.partial(self._step, data, context,
+                                               guarded=True), carry, drawn))
 
   def _refresh_oracle(self, sampler_state, params, data):
     return bs.refresh(self.config, sampler_state, all_exact_norms(
@@ -381,25 +371,17 @@ class Runner:
 
   def _block(self, state: RunnerState, data: Optional[PyTree], drawn, xs
              ) -> tuple[RunnerState, StepMetrics]:
-    """Scan the block's steps over ``xs``, then fold the measurements into the
-    sampler and the gain-ratio moments."""
+    """Scan the block's steps over ``xs`` and fold the measurements in."""
     cfg, k = self.config, drawn.indices.shape[0]
     stepwise = state.sampler if cfg.kind == "selective" else None
-    r = self._gain_ratio(state.moments)
-    carry = (state.params, state.opt_state, state.skipped_steps, stepwise)
-    carry, out = self._scan(data, state.sampler, r, carry, xs)
-    params, opt_state, skipped, stepwise = carry
+    carry = (state.params, state.opt_state, state.moments, state.skipped_steps,
+             stepwise)
+    carry, (measured, metrics) = self._scan(data, state.sampler, carry, xs)
+    params, opt_state, moments, skipped, stepwise = carry
     sampler = state.sampler if stepwise is None else stepwise
-    moments = state.moments
-    if cfg.measures:
-      moments = gain_ratio_lib.update_many(
-          moments, out.measured, drawn.probs, cfg.num_examples, out.grad_sq_norm,
-          grad_halves_inner=out.grad_halves_inner, alpha=cfg.ema_rate)
-    metrics = StepMetrics(loss=out.loss, gain_ratio=jnp.broadcast_to(r, (k,)),
-                          grad_sq_norm=out.grad_sq_norm, applied=out.applied)
     return RunnerState(
         params=params, opt_state=opt_state,
-        sampler=self._lib.fold_in(cfg, sampler, drawn, out.measured),
+        sampler=self._lib.fold_in(cfg, sampler, drawn, measured),
         moments=moments, step=state.step + k, skipped_steps=skipped), metrics
 
   def refresh(self, state: RunnerState, data: PyTree) -> RunnerState:

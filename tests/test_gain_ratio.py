@@ -74,36 +74,6 @@ def test_nonfinite_step_is_skipped():
   assert float(gain_ratio.estimate(state, 2)) == 1.0
 
 
-
-@pytest.mark.parametrize("with_inner", [False, True])
-def test_update_many_equals_steps_of_update(with_inner):
-  """K steps folded in at once (the fast path's block) equal K calls of update,
-  non-finite steps (a NaN norm, an inf ‖g‖²) skipped and counted by both; up
-  to float32 rounding of the closed form (α^t products vs repeated EMAs)."""
-  rng = np.random.default_rng(0)
-  k, m, n = 25, 8, 100
-  norms = rng.lognormal(0, 1, (k, m)).astype(np.float32)
-  probs = rng.uniform(0.2, 2.0, (k, m)).astype(np.float32) / n
-  g2 = rng.lognormal(0, 1, k).astype(np.float32)
-  inner = rng.normal(0, 1, k).astype(np.float32) if with_inner else None
-  norms[3, 2] = np.nan
-  g2[17] = np.inf
-  start = gain_ratio.init()._replace(uniform_moment=jnp.float32(0.3),
-                                     grad_sq_norm=jnp.float32(2.0),
-                                     count=jnp.int32(4))
-  looped = start
-  for t in range(k):
-    looped = gain_ratio.update(
-        looped, norms[t], probs[t], n, g2[t],
-        grad_halves_inner=None if inner is None else inner[t], alpha=0.05)
-  many = gain_ratio.update_many(start, norms, probs, n, g2,
-                                grad_halves_inner=inner, alpha=0.05)
-  assert int(many.count) == int(looped.count) == 4 + k - 2
-  assert int(many.skipped) == int(looped.skipped) == 2
-  for a, b in zip(many[:4], looped[:4]):
-    np.testing.assert_allclose(a, b, rtol=1e-5)
-
-
 def _estimate_vs_truth(seed: int, *, epochs: int = 16):
   """r̂ (the r the next step uses) and the true r (exact norms of all n
   examples, full gradient, current p) every epoch of a real RAIS run: an MLP
