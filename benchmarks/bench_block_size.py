@@ -33,6 +33,7 @@ def main(argv=None):
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--lr", type=float, default=0.05)
   p.add_argument("--norms", default="proxy")
+  p.add_argument("--name", default=None, help="results file name")
   args = p.parse_args(argv)
   base = compare.CompareConfig(
       dataset=args.dataset, model=args.model, epochs=args.epochs,
@@ -57,7 +58,8 @@ def main(argv=None):
         f"{compare.format_stats(summary['final_train_loss'], '.4g')} | "
         f"{compare.format_stats(summary['final_test_accuracy'], '.3f')} |")
     print(rows[-1], flush=True)
-  name = f"block_size_{args.dataset.replace(':', '_').replace('/', '_')}_{args.model}"
+  name = args.name or (
+      f"block_size_{args.dataset.replace(':', '_').replace('/', '_')}_{args.model}")
   RESULTS.mkdir(exist_ok=True)
   (RESULTS / f"{name}.json").write_text(json.dumps(
       {"environment": environment(), "args": vars(args), "block_sizes": per_k},
