@@ -286,8 +286,10 @@ class Runner:
       measured = None  # recorded in the carry
     elif cfg.kind in ("loss", "infobatch"):
       measured = losses
-    else:
+    elif cfg.measures:
       measured = u
+    else:
+      measured = None  # U-SGD folds nothing in
     return carry, (measured, StepMetrics(loss=loss, gain_ratio=r,
                                          grad_sq_norm=grad_sq_norm,
                                          applied=applied))

@@ -114,9 +114,13 @@ def chunked_map(fn: Callable[[PyTree], PyTree], data: PyTree,
 
 
 def _weighted_loss(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
-                   shift: chex.Array, batch: PyTree, weights: chex.Array):
-  """(Σ_k w_k f_k / m, the m losses); ``shift`` is added to the outputs."""
-  losses = loss_head(model_fn(params, batch) + shift, batch)
+                   shift: Optional[chex.Array], batch: PyTree, weights: chex.Array):
+  """(Σ_k w_k f_k / m, the m losses); ``shift`` (if any) is added to the
+  outputs, to differentiate with respect to them."""
+  outputs = model_fn(params, batch)
+  if shift is not None:  # (XLA keeps an added 0.0: it is not a no-op for -0.0)
+    outputs = outputs + shift
+  losses = loss_head(outputs, batch)
   return jnp.sum(weights * losses) / weights.shape[0], losses
 
 
@@ -225,7 +229,7 @@ def measured_gradient(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
         loss_fn, params, batch, weights=weights / m, method=exact_method)
   else:
     (_, losses), grads = jax.value_and_grad(
-        lambda p: _weighted_loss(model_fn, loss_head, p, 0.0, batch, weights),
+        lambda p: _weighted_loss(model_fn, loss_head, p, None, batch, weights),
         has_aux=True)(params)
     u = jnp.zeros((m,), jnp.float32)
   u = jnp.where(jnp.isfinite(losses), u, jnp.nan)
