@@ -1,0 +1,150 @@
+"""Where a RAIS step's time goes: the fast path's block with parts left out.
+
+    python benchmarks/bench_step_parts.py [--in-features 40 --hidden 256 256 --batch-size 64 --n 8000 --block-size 25]
+
+A profile by subtraction, in one process: every variant is a runner whose
+block program was traced with one part of the RAIS step replaced by nothing
+(or, for the draw, by uniform ``randint`` indices; for the norms, by a plain
+gradient), and the difference to the whole RAIS block is that part's cost.
+Parts: the fold-in after the block (features, the ring buffer D, the
+sum-trees), its ring-buffer push and its tree update alone, the block's tree
+draw, the per-example (ghost) norms, and ‖g_R‖² (the pass over the gradient
+that the gain ratio needs). The (PT) period work is the difference
+between :meth:`Runner.run` (with it) and the same number of bare blocks.
+Variants run R blocks per timed call from a fitted state, round-robin; the
+table gives medians per step and the difference to the RAIS block. The
+library is patched only while a variant is traced (its module attributes
+are restored at once); runs without a part do not train correctly and are
+for timing only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import rais_jax as rj
+from rais_jax import block_sampler, records, runner as runner_lib, sum_tree, train
+from rais_jax.experiments.models import MLP, functional
+
+from common import interleaved_medians, write  # pylint: disable=g-bad-import-order
+
+
+@contextlib.contextmanager
+def _replaced(module, name: str, replacement) -> Iterator[None]:
+  original = getattr(module, name)
+  setattr(module, name, replacement)
+  try:
+    yield
+  finally:
+    setattr(module, name, original)
+
+
+def _uniform_draw(config, state, key, shape):
+  n = config.num_examples
+  idx = jax.random.randint(key, shape, 0, n, jnp.int32)
+  return block_sampler.Sample(indices=idx, probs=jnp.full(shape, 1.0 / n),
+                              weights=jnp.ones(shape))
+
+
+def _plain_gradient(model_fn, loss_head, params, batch, weights, **_):
+  """The gradient without per-example norms (all set to 1)."""
+  grads, u, inner, losses = train.measured_gradient(
+      model_fn, loss_head, params, batch, weights, norms=None)
+  return grads, jnp.ones_like(u), inner, losses
+
+
+# What each variant leaves out: (module, attribute, replacement).
+_LEFT_OUT = {
+    "without the fold-in": (block_sampler, "fold_in", lambda cfg, s, *_: s),
+    "without the D push": (records, "push", lambda rec, *_: rec),
+    "without the tree update": (sum_tree, "update_many", lambda tree, *_: tree),
+    "without the tree draw": (block_sampler, "draw", _uniform_draw),
+    "without the ghost norms": (runner_lib, "measured_gradient", _plain_gradient),
+    "without ‖g‖²": (optax.tree, "norm",
+                     lambda tree, squared=False: jnp.ones((), jnp.float32)),
+}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--n", type=int, default=60_000)
+  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--in-features", type=int, default=784)
+  p.add_argument("--hidden", type=int, nargs="+", default=[512, 512])
+  p.add_argument("--block-size", type=int, default=32)
+  p.add_argument("--repeats", type=int, default=15)
+  p.add_argument("--name", default=None, help="results file name")
+  args = p.parse_args(argv)
+  n, m, k = args.n, args.batch_size, args.block_size
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, n)
+  centres = rng.normal(size=(10, args.in_features))
+  data = {"x": jnp.asarray(centres[labels] + 2.0 * rng.normal(size=(n, args.in_features)),
+                           jnp.float32),
+          "label": jnp.asarray(labels, jnp.int32)}
+  model_fn, params = functional(MLP(args.in_features, args.hidden, 10, rngs=nnx.Rngs(0)))
+  head = rj.softmax_cross_entropy_head()
+  opt = lambda: rj.rais_sgd(0.01, momentum=0.9)
+  rais = lambda mode: rj.rais_sampler(rj.default_features(labels, 10),
+                                      batch_size=m, pt_mode=mode)
+  fitting = rj.make_runner(model_fn, head, opt(), rais("sync"), block_size=k)
+  period = fitting.pt_period
+  fitted, _ = fitting.run(fitting.init(params), jax.random.key(1), data, 2 * period)
+  assert bool(fitted.sampler.fitted)
+  blocks = period // k  # one (PT) period per timed call
+
+  def advance(box, fn):
+    box[0] = fn(box[0])
+    return box[0]
+
+  def block_variant(runner, state, patch=None):
+    """``blocks`` bare blocks per call, traced with ``patch`` in place."""
+    with _replaced(*patch) if patch else contextlib.nullcontext():
+      state, _ = runner._jitted["steps"](state, jax.random.key(0), data)  # pylint: disable=protected-access
+
+    def call(s):
+      for i in range(blocks):
+        s, _ = runner._jitted["steps"](s, jax.random.key(i), data)  # pylint: disable=protected-access
+      return s
+    return functools.partial(advance, [state], call)
+
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  uniform = rj.make_runner(model_fn, head, opt(), rj.uniform_sampler(n, batch_size=m),
+                           norms=None, block_size=k)
+  variants = {"U-SGD block": block_variant(uniform, uniform.init(params))}
+  whole = rj.make_runner(model_fn, head, opt(), rais("sync"), block_size=k)
+  variants["RAIS block"] = block_variant(whole, copy(fitted))
+  for label, patch in _LEFT_OUT.items():
+    runner = rj.make_runner(model_fn, head, opt(), rais("sync"), block_size=k)
+    variants[f"RAIS block {label}"] = block_variant(runner, copy(fitted), patch)
+  for mode in ("async", "sync"):
+    runner = rj.make_runner(model_fn, head, opt(), rais(mode), block_size=k)
+    state, _ = runner.run(copy(fitted), jax.random.key(2), data, period)  # compile
+    variants[f"RAIS run, (PT) {mode}"] = functools.partial(
+        advance, [state], lambda s, r=runner: r.run(s, jax.random.key(2), data, period)[0])
+
+  medians = interleaved_medians(variants, repeats=args.repeats)
+  steps = blocks * k
+  per_step = {name: t / steps * 1e3 for name, t in medians.items()}
+  base = per_step["RAIS block"]
+  rows = [{"variant": name, "ms/step": t, "vs RAIS block (ms/step)": t - base}
+          for name, t in per_step.items()]
+  size = f"{args.in_features}-{'-'.join(map(str, args.hidden))}-10"
+  md = write(args.name or f"step_parts_{size}_m{m}", rows,
+             ["variant", "ms/step", "vs RAIS block (ms/step)"],
+             f"The RAIS step by parts, MLP {size}, m={m}, n={n}, K={k}, "
+             f"{steps} steps per call (one (PT) period), median of {args.repeats}")
+  print(md)
+
+
+if __name__ == "__main__":
+  main()
