@@ -297,21 +297,25 @@ class Runner:
   def _scan(self, data: Optional[PyTree], context, carry, drawn):
     """The K steps: fast, then re-run guarded if anything was not finite.
 
-    The fast scan is accepted when every step's loss (and ‖g‖²) is finite and
-    the final parameters and optimizer state are: a non-finite gradient
-    entry that does not show in the loss still ends up in them (SGD and its
-    variants never turn NaN or ±inf back into finite values). Otherwise the
-    block is run again from its start with the select in every step, which
-    skips exactly the non-finite steps. The check is one pass over the
-    parameters per block, and the ``cond`` runs once per block.
+    The guarded re-run starts again from the block's start with the select
+    in every step, which skips exactly the steps whose loss or ‖g‖² is not
+    finite. The fast scan is accepted when every step's loss and ‖g‖² were
+    finite: the re-run would then apply every step and end in the same
+    state. Methods that skip ‖g‖² in the fast scan (it is a pass over the
+    gradient that only the gain ratio needs) also need the final parameters
+    and optimizer state finite: a non-finite gradient entry behind a finite
+    loss ends up there (SGD and its variants never turn NaN or ±inf back
+    into finite values). That check is one sum per leaf (an overflowing sum
+    is a false alarm that costs a re-run, never a missed NaN), and the
+    ``cond`` runs once per block.
     """
     fast, out = jax.lax.scan(
         functools.partial(self._step, data, context, guarded=False), carry, drawn)
     _, metrics = out
-    finite = jax.tree.leaves(jax.tree.map(
-        lambda x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact)
-        else jnp.ones((), bool), (fast[0], fast[1])))
-    ok = jnp.all(metrics.applied) & jnp.all(jnp.stack(finite))
+    ok = jnp.all(metrics.applied)
+    if not self.config.measures:
+      ok &= jnp.isfinite(sum(jnp.sum(x) for x in jax.tree.leaves((fast[0], fast[1]))
+                             if jnp.issubdtype(x.dtype, jnp.inexact)))
     return jax.lax.cond(
         ok, lambda: (fast, out),
         lambda: jax.lax.scan(functools.partial(self._step, data, context,
