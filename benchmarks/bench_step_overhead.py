@@ -18,38 +18,22 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import nnx
 
 import rais_jax as rj
-from rais_jax.experiments.models import MLP, functional
 
-from common import interleaved_medians, write  # pylint: disable=g-bad-import-order
+from common import (add_mlp_arguments, interleaved_medians,  # pylint: disable=g-bad-import-order
+                    synthetic_mlp_problem, write)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser()
-  p.add_argument("--n", type=int, default=60_000)
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--in-features", type=int, default=784)
-  p.add_argument("--hidden", type=int, nargs="+", default=[512, 512])
-  p.add_argument("--block-size", type=int, default=32)
-  p.add_argument("--repeats", type=int, default=7)
+  add_mlp_arguments(p, repeats=7)
   p.add_argument("--no-per-step", action="store_true",
                  help="skip the make_train_step variants")
-  p.add_argument("--name", default=None, help="results file name")
   args = p.parse_args(argv)
   n, m, k = args.n, args.batch_size, args.block_size
-  # A learnable synthetic task (class centres plus noise), so that the
-  # measured norms mean something to (PT), as on real data.
-  rng = np.random.default_rng(0)
-  labels = rng.integers(0, 10, n)
-  centres = rng.normal(size=(10, args.in_features))
-  data = {"x": jnp.asarray(centres[labels] + 2.0 * rng.normal(size=(n, args.in_features)),
-                           jnp.float32),
-          "label": jnp.asarray(labels, jnp.int32)}
-  model_fn, params = functional(MLP(args.in_features, args.hidden, 10, rngs=nnx.Rngs(0)))
+  data, labels, model_fn, params, size = synthetic_mlp_problem(args)
   head = rj.softmax_cross_entropy_head()
   rais = lambda mode: rj.rais_sampler(
       rj.default_features(labels, 10), batch_size=m, pt_mode=mode)
@@ -125,7 +109,6 @@ def main(argv=None):
   base = medians["optax sgd (plain scan)"]
   rows = [{"variant": name, "ms/step": t / steps * 1e3, "ratio vs optax sgd": t / base}
           for name, t in medians.items()]
-  size = f"{args.in_features}-{'-'.join(map(str, args.hidden))}-10"
   md = write(args.name or f"step_overhead_{size}_m{m}", rows,
              ["variant", "ms/step", "ratio vs optax sgd"],
              f"Step time, MLP {size}, m={m}, n={n}, K={k}, {steps} steps per run "

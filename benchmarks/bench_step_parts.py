@@ -27,15 +27,13 @@ from typing import Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import nnx
 
 import rais_jax as rj
 from rais_jax import block_sampler, records, runner as runner_lib, sum_tree, train
-from rais_jax.experiments.models import MLP, functional
 
-from common import interleaved_medians, write  # pylint: disable=g-bad-import-order
+from common import (add_mlp_arguments, interleaved_medians,  # pylint: disable=g-bad-import-order
+                    synthetic_mlp_problem, write)
 
 
 @contextlib.contextmanager
@@ -76,22 +74,10 @@ _LEFT_OUT = {
 
 def main(argv=None):
   p = argparse.ArgumentParser()
-  p.add_argument("--n", type=int, default=60_000)
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--in-features", type=int, default=784)
-  p.add_argument("--hidden", type=int, nargs="+", default=[512, 512])
-  p.add_argument("--block-size", type=int, default=32)
-  p.add_argument("--repeats", type=int, default=15)
-  p.add_argument("--name", default=None, help="results file name")
+  add_mlp_arguments(p, repeats=15)
   args = p.parse_args(argv)
   n, m, k = args.n, args.batch_size, args.block_size
-  rng = np.random.default_rng(0)
-  labels = rng.integers(0, 10, n)
-  centres = rng.normal(size=(10, args.in_features))
-  data = {"x": jnp.asarray(centres[labels] + 2.0 * rng.normal(size=(n, args.in_features)),
-                           jnp.float32),
-          "label": jnp.asarray(labels, jnp.int32)}
-  model_fn, params = functional(MLP(args.in_features, args.hidden, 10, rngs=nnx.Rngs(0)))
+  data, labels, model_fn, params, size = synthetic_mlp_problem(args)
   head = rj.softmax_cross_entropy_head()
   opt = lambda: rj.rais_sgd(0.01, momentum=0.9)
   rais = lambda mode: rj.rais_sampler(rj.default_features(labels, 10),
@@ -138,7 +124,6 @@ def main(argv=None):
   base = per_step["RAIS block"]
   rows = [{"variant": name, "ms/step": t, "vs RAIS block (ms/step)": t - base}
           for name, t in per_step.items()]
-  size = f"{args.in_features}-{'-'.join(map(str, args.hidden))}-10"
   md = write(args.name or f"step_parts_{size}_m{m}", rows,
              ["variant", "ms/step", "vs RAIS block (ms/step)"],
              f"The RAIS step by parts, MLP {size}, m={m}, n={n}, K={k}, "

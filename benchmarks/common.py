@@ -9,9 +9,49 @@ import statistics
 import time
 from typing import Callable
 
+import argparse
+from typing import Any, NamedTuple
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def add_mlp_arguments(parser: argparse.ArgumentParser, *, repeats: int) -> None:
+  """The step benchmarks' flags: the synthetic MLP problem, K, repeats, name."""
+  parser.add_argument("--n", type=int, default=60_000)
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--in-features", type=int, default=784)
+  parser.add_argument("--hidden", type=int, nargs="+", default=[512, 512])
+  parser.add_argument("--block-size", type=int, default=32)
+  parser.add_argument("--repeats", type=int, default=repeats)
+  parser.add_argument("--name", default=None, help="results file name")
+
+
+class MLPProblem(NamedTuple):
+  data: dict  # {"x": (n, in_features) float32, "label": (n,) int32}
+  labels: np.ndarray
+  model_fn: Any
+  params: Any
+  size: str  # e.g. "784-512-512-10"
+
+
+def synthetic_mlp_problem(args: argparse.Namespace) -> MLPProblem:
+  """A learnable synthetic task (class centres plus noise, 10 classes), so that
+  the measured norms mean something to (PT), as on real data; and an MLP."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from rais_jax.experiments.models import MLP, functional  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, args.n)
+  centres = rng.normal(size=(10, args.in_features))
+  data = {"x": jnp.asarray(centres[labels] + 2.0 * rng.normal(size=(args.n, args.in_features)),
+                           jnp.float32),
+          "label": jnp.asarray(labels, jnp.int32)}
+  model_fn, params = functional(MLP(args.in_features, args.hidden, 10, rngs=nnx.Rngs(0)))
+  size = f"{args.in_features}-{'-'.join(map(str, args.hidden))}-10"
+  return MLPProblem(data, labels, model_fn, params, size)
 
 
 def time_call(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2) -> float:
