@@ -273,19 +273,36 @@ def test_async_sync_and_in_graph_runs_are_identical(problem, norms):
   jax.tree.map(np.testing.assert_array_equal, (g, mg), (s, ms))
 
 
+def _count_solves(runner) -> list:
+  """Wraps the runner's solve service so that each solve it starts is listed."""
+  calls, solve = [], runner.service._solve  # pylint: disable=protected-access
+  runner.service._solve = lambda *a: calls.append(1) or solve(*a)  # pylint: disable=protected-access
+  return calls
+
+
 def test_calls_in_pieces_equal_one_call(problem):
+  """Also: each snapshot is solved once, including one taken at the very end
+  of a call (handed to the service before the call returns) and one in
+  flight across calls."""
   data, _, params, _ = problem
-  whole, mw, _ = _run(problem, 64)
   runner = _runner(problem)
+  whole_solves = _count_solves(runner)
+  with runner:
+    whole, mw = runner.run(runner.init(params), jax.random.key(42), data, 64)
+  runner = _runner(problem)
+  piece_solves = _count_solves(runner)
   state = runner.init(params)
   parts = []
-  for steps in (12, 20, 32):  # boundaries mid-period, with solves in flight
+  # Ends mid-period with a solve in flight (12), then at a period boundary
+  # (32: the snapshot taken after the last block), then the rest.
+  for steps in (12, 20, 32):
     state, m = runner.run(state, jax.random.key(42), data, steps)
     parts.append(m)
   runner.close()
   jax.tree.map(np.testing.assert_array_equal, whole, state)
   jax.tree.map(lambda x, *y: np.testing.assert_array_equal(x, np.concatenate(y)),
                mw, *parts)
+  assert len(piece_solves) == len(whole_solves) >= 6
 
 
 def test_checkpoint_resume_mid_solve_is_bit_identical(problem, tmp_path):
