@@ -25,7 +25,7 @@ import numpy as np
 import rais_jax as rj
 from rais_jax import block_sampler as bs
 
-from common import interleaved_medians, write  # pylint: disable=g-bad-import-order
+from common import carried, interleaved_medians, write  # pylint: disable=g-bad-import-order
 
 
 def main(argv=None):
@@ -80,19 +80,11 @@ def main(argv=None):
     robust = bs.RobustState(**{f: getattr(state, f) for f in (
         "features", "trees", "totals", "c", "d", "fitted", "records", "pending",
         "diagnostics")})
-    carry = {"tree": state, "choice": sampler.probabilities(state),
-             "block": jax.tree.map(jnp.copy, robust)}
-
-    def advance(name, fn):
-      def go():
-        carry[name] = fn(carry[name])
-        return carry[name]
-      return go
-
-    t = interleaved_medians({"tree": advance("tree", tree_run),
-                             "choice": advance("choice", choice_run),
-                             "block": advance("block", block_run)},
-                            repeats=args.repeats)
+    t = interleaved_medians(
+        {"tree": carried(tree_run, state),
+         "choice": carried(choice_run, sampler.probabilities(state)),
+         "block": carried(block_run, jax.tree.map(jnp.copy, robust))},
+        repeats=args.repeats)
     block_steps = len(block_keys) * block
     rows.append({"n": n, "sum-tree sample+update (ms)": t["tree"] / k * 1e3,
                  f"block of K={block}: per step (ms)": t["block"] / block_steps * 1e3,

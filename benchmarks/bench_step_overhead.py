@@ -22,8 +22,8 @@ import optax
 
 import rais_jax as rj
 
-from common import (add_mlp_arguments, interleaved_medians,  # pylint: disable=g-bad-import-order
-                    synthetic_mlp_problem, write)
+from common import (add_mlp_arguments, carried,  # pylint: disable=g-bad-import-order
+                    interleaved_medians, synthetic_mlp_problem, write)
 
 
 def main(argv=None):
@@ -52,23 +52,20 @@ def main(argv=None):
     updates, opt_state = sgd.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), None
 
-  # Every variant carries its state forward from call to call (all donate it).
-  def advance(box, fn):
-    box[0] = fn(box[0])
-    return box[0]
-
   # The baseline closes over the data (a compile-time constant); the
-  # runners take it as an argument, which XLA:CPU compiles ~10-15 % slower
-  # for the small MLP: both forms of the plain scan are timed.
+  # runners take it as an argument. With randint drawn inside the loop, as
+  # here, XLA:CPU runs the argument form ~10-15 % slower for the small MLP
+  # (with the indices drawn before the scan, as the runners do, ~2 %): both
+  # forms of the plain scan are timed. Every variant carries its (donated)
+  # state forward from call to call.
   plain = jax.jit(lambda c: jax.lax.scan(plain_step, c, keys)[0], donate_argnums=0)
   plain_arg = jax.jit(lambda c, d: jax.lax.scan(
       functools.partial(plain_step, data=d), c, keys)[0], donate_argnums=0)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
   variants = {
-      "optax sgd (plain scan)": functools.partial(
-          advance, [copy((params, sgd.init(params)))], plain),
-      "optax sgd (plain scan, data as argument)": functools.partial(
-          advance, [copy((params, sgd.init(params)))], lambda c: plain_arg(c, data)),
+      "optax sgd (plain scan)": carried(plain, copy((params, sgd.init(params)))),
+      "optax sgd (plain scan, data as argument)": carried(
+          lambda c: plain_arg(c, data), copy((params, sgd.init(params)))),
   }
 
   fast = {
@@ -85,9 +82,8 @@ def main(argv=None):
       # Start fitted (two periods in), so every timed step samples from the trees.
       state, _ = runner.run(state, jax.random.key(1), data, 2 * steps)
       assert bool(state.sampler.fitted)
-    variants[name] = functools.partial(
-        advance, [state],
-        lambda s, r=runner: r.run(s, jax.random.key(2), data, steps)[0])
+    variants[name] = carried(
+        lambda s, r=runner: r.run(s, jax.random.key(2), data, steps)[0], state)
 
   if not args.no_per_step:
     per_step = {
@@ -102,8 +98,7 @@ def main(argv=None):
       state = rj.init_train_state(copy(params), opt, sampler)
       if sampler.config.kind == "rais":
         state = run(run(state, data), data)
-      variants[name] = functools.partial(advance, [state],
-                                         lambda s, run=run: run(s, data))
+      variants[name] = carried(lambda s, run=run: run(s, data), state)
 
   medians = interleaved_medians(variants, repeats=args.repeats)
   base = medians["optax sgd (plain scan)"]

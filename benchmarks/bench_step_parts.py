@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 from typing import Iterator
 
 import jax
@@ -32,8 +31,8 @@ import optax
 import rais_jax as rj
 from rais_jax import block_sampler, records, runner as runner_lib, sum_tree, train
 
-from common import (add_mlp_arguments, interleaved_medians,  # pylint: disable=g-bad-import-order
-                    synthetic_mlp_problem, write)
+from common import (add_mlp_arguments, carried,  # pylint: disable=g-bad-import-order
+                    interleaved_medians, synthetic_mlp_problem, write)
 
 
 @contextlib.contextmanager
@@ -88,10 +87,6 @@ def main(argv=None):
   assert bool(fitted.sampler.fitted)
   blocks = period // k  # one (PT) period per timed call
 
-  def advance(box, fn):
-    box[0] = fn(box[0])
-    return box[0]
-
   def block_variant(runner, state, patch=None):
     """``blocks`` bare blocks per call, traced with ``patch`` in place."""
     with _replaced(*patch) if patch else contextlib.nullcontext():
@@ -101,7 +96,7 @@ def main(argv=None):
       for i in range(blocks):
         s, _ = runner._jitted["steps"](s, jax.random.key(i), data)  # pylint: disable=protected-access
       return s
-    return functools.partial(advance, [state], call)
+    return carried(call, state)
 
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
   uniform = rj.make_runner(model_fn, head, opt(), rj.uniform_sampler(n, batch_size=m),
@@ -115,8 +110,8 @@ def main(argv=None):
   for mode in ("async", "sync"):
     runner = rj.make_runner(model_fn, head, opt(), rais(mode), block_size=k)
     state, _ = runner.run(copy(fitted), jax.random.key(2), data, period)  # compile
-    variants[f"RAIS run, (PT) {mode}"] = functools.partial(
-        advance, [state], lambda s, r=runner: r.run(s, jax.random.key(2), data, period)[0])
+    variants[f"RAIS run, (PT) {mode}"] = carried(
+        lambda s, r=runner: r.run(s, jax.random.key(2), data, period)[0], state)
 
   medians = interleaved_medians(variants, repeats=args.repeats)
   steps = blocks * k

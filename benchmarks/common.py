@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import platform
 import statistics
 import time
-from typing import Callable
-
-import argparse
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +50,17 @@ def synthetic_mlp_problem(args: argparse.Namespace) -> MLPProblem:
   model_fn, params = functional(MLP(args.in_features, args.hidden, 10, rngs=nnx.Rngs(0)))
   size = f"{args.in_features}-{'-'.join(map(str, args.hidden))}-10"
   return MLPProblem(data, labels, model_fn, params, size)
+
+
+def carried(fn: Callable[[Any], Any], state: Any) -> Callable[[], Any]:
+  """A call of ``fn`` that carries its state forward: each call runs
+  ``state = fn(state)`` on the last result (for programs that donate it)."""
+  box = [state]
+
+  def call():
+    box[0] = fn(box[0])
+    return box[0]
+  return call
 
 
 def time_call(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2) -> float:
