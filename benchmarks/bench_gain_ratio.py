@@ -30,11 +30,13 @@ from rais_jax.experiments.models import functional, make_model
 from common import RESULTS, environment  # pylint: disable=g-bad-import-order
 
 
-def corrected_moments(moments, alpha: float) -> dict:
+def corrected_moments(moments) -> dict:
   """The bias-corrected EMAs the estimator divides."""
-  c = 1.0 - (1.0 - alpha) ** max(int(moments.count), 1)
-  return {name: float(getattr(moments, name)) / c for name in
-          ("uniform_moment", "robust_moment", "grad_sq_norm", "grad_halves_inner")}
+  weight = lambda name: float(moments.grad_weight if name.startswith("grad")
+                              else moments.weight) or 1.0
+  return {name: float(getattr(moments, name)) / weight(name) for name in
+          ("uniform_moment", "robust_moment", "grad_sq_norm", "grad_diagonal",
+           "grad_halves_inner")}
 
 
 def run_seed(args, seed: int, raw, classes: int) -> list[dict]:
@@ -75,8 +77,7 @@ def run_seed(args, seed: int, raw, classes: int) -> list[dict]:
         "true_robust_moment": float(exact.robust_moment),
         "true_full_grad_sq_norm": float(exact.full_grad_sq_norm),
         "fitted": bool(state.sampler.fitted),
-        **{f"ema_{k_}": v for k_, v in corrected_moments(state.moments,
-                                                         args.ema_rate).items()},
+        **{f"ema_{k_}": v for k_, v in corrected_moments(state.moments).items()},
     })
   runner.close()
   return points

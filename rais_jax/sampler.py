@@ -169,8 +169,8 @@ def _make_sampler(config: SamplerConfig) -> Sampler:
   def gain_ratio(state: SamplerState, *, scale_free: bool = False) -> chex.Array:
     if config.kind == "uniform":
       return jnp.ones((), jnp.float32)
-    return gain_ratio_lib.estimate(state.moments, m, alpha=config.ema_rate,
-                                   r_max=config.r_max, scale_free=scale_free)
+    return gain_ratio_lib.estimate(state.moments, m, r_max=config.r_max,
+                                   scale_free=scale_free)
 
   return Sampler(init=init, sample=sample, update=update, gain_ratio=gain_ratio,
                  probabilities=bind(bs.probabilities), set_parameters=set_parameters,

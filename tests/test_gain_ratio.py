@@ -20,22 +20,30 @@ def _problem(n=200, dim=5, m=16, seed=0):
           jnp.asarray(v, jnp.float32), exact_r)
 
 
-def _simulate(grads, p, v, m, *, proxy_scale=None, steps=40_000, alpha=1e-3):
+def _simulate(grads, p, v, m, *, proxy_scale=None, steps=40_000, alpha=1e-3,
+              measure_every=1, grad_alpha=None):
+  """``steps`` sampled steps; ‖g_R‖² measured on every ``measure_every``-th."""
   n = grads.shape[0]
 
-  def step(state, key):
+  def step(state, key, measure):
     idx = jax.random.choice(key, n, (m,), p=p)
     w = 1.0 / (n * p[idx])
     g = w[:, None] * grads[idx]
     g_r = g.mean(0)
     inner = jnp.vdot(g[: m // 2].mean(0), g[m // 2:].mean(0))
     u = v[idx] if proxy_scale is None else proxy_scale * v[idx]
-    state = gain_ratio.update(state, u, p[idx], n, jnp.vdot(g_r, g_r),
-                              grad_halves_inner=inner, alpha=alpha)
+    return gain_ratio.update(state, u, p[idx], n,
+                             jnp.vdot(g_r, g_r) if measure else None,
+                             grad_halves_inner=inner, alpha=alpha,
+                             grad_alpha=grad_alpha)
+
+  def group(state, keys):
+    for i in range(measure_every):
+      state = step(state, keys[i], measure=i == 0)
     return state, None
 
-  keys = jax.random.split(jax.random.key(0), steps)
-  state, _ = jax.jit(lambda k: jax.lax.scan(step, gain_ratio.init(), k))(keys)
+  keys = jax.random.split(jax.random.key(0), steps).reshape(-1, measure_every)
+  state, _ = jax.jit(lambda k: jax.lax.scan(group, gain_ratio.init(), k))(keys)
   return state
 
 
@@ -46,13 +54,42 @@ def test_matches_exact_ratio(proxy_scale):
   assert exact_r > 1.3  # the problem is non-trivial
   alpha = 1e-3
   state = _simulate(grads, p, v, m, proxy_scale=proxy_scale, alpha=alpha)
-  r = float(gain_ratio.estimate(state, m, alpha=alpha,
-                                scale_free=proxy_scale is not None))
+  r = float(gain_ratio.estimate(state, m, scale_free=proxy_scale is not None))
   # The EMA averages ~1/α = 1000 steps of heavy-tailed moment estimates; the
   # same simulation over 20 seeds had relative errors of r up to 1.5% (exact
   # norms) and 1.9% (scale-free, which also estimates ‖∇F‖²): 4% is > 2x that.
   tol = 0.04
   np.testing.assert_allclose(r, exact_r, rtol=tol)
+
+
+def test_matches_exact_ratio_measuring_a_subset_of_steps():
+  """With exact norms ‖g_R‖² splits into R̂/m (known every step) and cross
+  terms with mean (1 − 1/m)‖∇F‖²: measuring it on every 8th step (as the
+  fast path does once per block) still estimates r without bias. The cross
+  terms are averaged over 8x fewer measurements (rate 8α, the same span of
+  steps); over 20 problem seeds this simulation's relative errors were at
+  most 3.3 % (median 0.6 %; measuring every step: 1.4 %, 0.3 %): 7 % is
+  2x that."""
+  m = 16
+  grads, p, v, exact_r = _problem(m=m)
+  state = _simulate(grads, p, v, m, measure_every=8, grad_alpha=8e-3)
+  assert int(state.count) == 40_000
+  np.testing.assert_allclose(float(gain_ratio.estimate(state, m)), exact_r,
+                             rtol=0.07)
+
+
+def test_ratio_waits_for_a_gradient_measurement():
+  """Updates without ‖g_R‖² average Û and R̂ only; r stays 1 until ‖g_R‖² has
+  been measured once."""
+  n, m = 50, 8
+  norms, probs = jnp.linspace(0.1, 3, m), jnp.linspace(0.5, 2, m) / n
+  state = gain_ratio.update(gain_ratio.init(), norms, probs, n, alpha=0.1)
+  assert float(state.weight) == pytest.approx(0.1) and float(state.grad_weight) == 0
+  assert float(gain_ratio.estimate(state, m)) == 1.0
+  state = gain_ratio.update(state, norms, probs, n, jnp.float32(0.5), alpha=0.1,
+                            grad_alpha=0.5)
+  assert float(state.grad_weight) == pytest.approx(0.5)
+  assert float(gain_ratio.estimate(state, m)) > 1.0
 
 
 def test_uniform_sampling_gives_one_and_clipping():

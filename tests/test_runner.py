@@ -109,6 +109,31 @@ def test_step_loop_has_no_branch_loop_or_callback(problem, method, norms, functi
   assert " conditional(" in comps[entry]
 
 
+@pytest.mark.parametrize("norms", ["exact", "proxy"])
+def test_grad_sq_norm_is_measured_once_per_block_with_exact_norms(problem, norms):
+  """Exact norms: ‖g_R‖² enters the gain ratio once per block (the first
+  step: the loop body leaves that pass over the gradient out), its average
+  at the rate for one measurement per block; Û and R̂ every step. Proxy
+  norms need it on every step. ``StepMetrics.grad_sq_norm`` is NaN where it
+  was not computed."""
+  blocks = 6
+  state, metrics, runner = _run(problem, blocks * K, norms=norms)
+  alpha, moments = runner.config.ema_rate, state.moments
+  assert int(moments.count) == blocks * K
+  np.testing.assert_allclose(moments.weight, 1 - (1 - alpha) ** (blocks * K),
+                             rtol=1e-5)
+  g2 = np.asarray(metrics.grad_sq_norm).reshape(blocks, K)
+  if norms == "exact":
+    rate = runner._grad_rate(K)  # pylint: disable=protected-access
+    assert alpha < rate < 1 - (1 - alpha) ** K
+    np.testing.assert_allclose(moments.grad_weight, 1 - (1 - rate) ** blocks,
+                               rtol=1e-5)
+    assert np.isfinite(g2[:, 0]).all() and np.isnan(g2[:, 1:]).all()
+  else:
+    np.testing.assert_allclose(moments.grad_weight, moments.weight, rtol=1e-6)
+    assert np.isfinite(g2).all()
+
+
 # -- block sampling ---------------------------------------------------------
 
 
