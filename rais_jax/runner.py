@@ -303,17 +303,30 @@ class Runner:
                   guarded: bool):
     """The block's steps in one ``lax.scan``. With exact norms the first
     step, peeled off the loop, is the one that measures ‖g_R‖² for the gain
-    ratio (the loop body has no branch, so the others leave that pass out)."""
-    step = functools.partial(self._step, data, context, guarded=guarded)
+    ratio (the loop body has no branch, so the others leave that pass out).
+    Each step's metrics leave the loop as one vector (one write per step)."""
+
+    def step(carry, xs, **kwargs):
+      carry, (measured, metrics) = self._step(data, context, carry, xs,
+                                              guarded=guarded, **kwargs)
+      return carry, (measured, jnp.stack([
+          metrics.loss, metrics.gain_ratio, metrics.grad_sq_norm,
+          metrics.applied]).astype(jnp.float32))
+
     if not self.config.measures or self._norms == "proxy":
-      return jax.lax.scan(functools.partial(step, measure_grad=False), carry, xs)
-    k = jax.tree.leaves(xs)[0].shape[0]
-    carry, first = step(carry, jax.tree.map(lambda x: x[0], xs),
-                        measure_grad=True, grad_rate=self._grad_rate(k))
-    carry, rest = jax.lax.scan(functools.partial(step, measure_grad=False), carry,
-                               jax.tree.map(lambda x: x[1:], xs))
-    return carry, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]),
-                               first, rest)
+      carry, (measured, stacked) = jax.lax.scan(
+          functools.partial(step, measure_grad=False), carry, xs)
+    else:
+      k = jax.tree.leaves(xs)[0].shape[0]
+      carry, first = step(carry, jax.tree.map(lambda x: x[0], xs),
+                          measure_grad=True, grad_rate=self._grad_rate(k))
+      carry, rest = jax.lax.scan(functools.partial(step, measure_grad=False),
+                                 carry, jax.tree.map(lambda x: x[1:], xs))
+      measured, stacked = jax.tree.map(
+          lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+    loss, r, g2, applied = stacked.T
+    return carry, (measured, StepMetrics(loss=loss, gain_ratio=r,
+                                         grad_sq_norm=g2, applied=applied > 0))
 
   def _grad_rate(self, block_length: int) -> float:
     """The EMA rate of ‖g_R‖² measured once per block of this length.
