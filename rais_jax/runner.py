@@ -304,7 +304,10 @@ class Runner:
     """The block's steps in one ``lax.scan``. With exact norms the first
     step, peeled off the loop, is the one that measures ‖g_R‖² for the gain
     ratio (the loop body has no branch, so the others leave that pass out).
-    Each step's metrics leave the loop as one vector (one write per step)."""
+    The guarded re-run computes ‖g_R‖² on every step anyway (to find the bad
+    ones), so it averages it on every step, at rate α, in one loop (which
+    also spares compiling a fourth copy of the step). Each step's metrics
+    leave the loop as one vector (one write per step)."""
 
     def step(carry, xs, **kwargs):
       carry, (measured, metrics) = self._step(data, context, carry, xs,
@@ -313,9 +316,9 @@ class Runner:
           metrics.loss, metrics.gain_ratio, metrics.grad_sq_norm,
           metrics.applied]).astype(jnp.float32))
 
-    if not self.config.measures or self._norms == "proxy":
+    if guarded or not self.config.measures or self._norms == "proxy":
       carry, (measured, stacked) = jax.lax.scan(
-          functools.partial(step, measure_grad=False), carry, xs)
+          functools.partial(step, measure_grad=guarded), carry, xs)
     else:
       k = jax.tree.leaves(xs)[0].shape[0]
       carry, first = step(carry, jax.tree.map(lambda x: x[0], xs),
