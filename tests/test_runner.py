@@ -205,10 +205,11 @@ def test_fold_in_matches_per_step_updates_without_duplicates():
   sample = bs.Sample(indices=idx, probs=p, weights=1 / (300 * p))
   norms = jnp.asarray(rng.lognormal(0, 1, (4, 64)), jnp.float32)
   norms = norms.at[1, 3].set(jnp.nan)
-  block = bs.fold_in(config, state, sample, norms)
+  fold_in = jax.jit(lambda *args: bs.fold_in(config, *args))  # not op by op
+  block = fold_in(state, sample, norms)
   steps = state
   for t in range(4):
-    steps = bs.fold_in(config, steps, jax.tree.map(lambda x: x[t], sample), norms[t])
+    steps = fold_in(steps, jax.tree.map(lambda x: x[t], sample), norms[t])
   for a, b in [(block.features, steps.features), (block.records, steps.records),
                (block.totals, steps.totals), (block.diagnostics, steps.diagnostics)]:
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5), a, b)
