@@ -10,10 +10,11 @@ schedule (:func:`make_runner`):
    (K, m), with their p (:func:`rais_jax.block_sampler.draw`);
 2. the block is one ``lax.scan`` whose body is the plain step plus a few
    fused element-wise ops: gather the batch, loss, gradient and per-example
-   norms u_k in one backward pass, the gain ratio r from the moment EMAs,
-   the optimizer update with ``gain_ratio=r``, and a select that drops a
-   non-finite update (no ``cond``, no ``while``, no callback: tested on the
-   compiled program);
+   norms u_k in one backward pass, the gain ratio r from the moment EMAs and
+   the optimizer update with ``gain_ratio=r`` (no ``cond``, no ``while``, no
+   callback: tested on the compiled program); the block's first step, peeled
+   off the loop, also measures ‖g_R‖² for the gain ratio; a block with a
+   non-finite step is run again with a select in every step;
 3. after the block, the K·m measurements are folded into features, the ring
    buffer D and the sum-trees at once;
 4. at the block boundaries the schedule names, separate small programs do the
