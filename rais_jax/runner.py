@@ -264,7 +264,7 @@ class Runner:
     # r comes from past steps only, so this step's noise does not set its own
     # learning rate.
     r = self._gain_ratio(moments)
-    measure_grad = cfg.measures and (measure_grad or self._norms == "proxy")
+    measure_grad = cfg.measures and measure_grad
     if measure_grad or guarded:
       grad_sq_norm = optax.tree.norm(grads, squared=True)
       applied = jnp.isfinite(loss) & jnp.isfinite(grad_sq_norm)
@@ -317,9 +317,10 @@ class Runner:
           metrics.loss, metrics.gain_ratio, metrics.grad_sq_norm,
           metrics.applied]).astype(jnp.float32))
 
-    if guarded or not self.config.measures or self._norms == "proxy":
+    every_step = guarded or self._norms == "proxy"
+    if every_step or not self.config.measures:
       carry, (measured, stacked) = jax.lax.scan(
-          functools.partial(step, measure_grad=guarded), carry, xs)
+          functools.partial(step, measure_grad=every_step), carry, xs)
     else:
       k = jax.tree.leaves(xs)[0].shape[0]
       carry, first = step(carry, jax.tree.map(lambda x: x[0], xs),
