@@ -23,7 +23,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from rais_jax import struct
+from rais_jax import scatter, struct
 
 PyTree = Any
 
@@ -94,11 +94,12 @@ def default_features(labels: chex.Array, num_classes: int) -> FeatureMap:
 
   def update(state: DefaultFeatureState, indices: chex.Array,
              norms: chex.Array, valid: chex.Array) -> DefaultFeatureState:
-    old = state.last_norm[indices]
+    # An example drawn twice keeps its last valid norm (on every backend).
+    writes = scatter.last_valid(indices, valid, n)
     return state.replace(
-        last_norm=state.last_norm.at[indices].set(
-            jnp.where(valid, norms.astype(jnp.float32), old)),
-        seen=state.seen.at[indices].set(valid | state.seen[indices]))
+        last_norm=state.last_norm.at[writes].set(norms.astype(jnp.float32),
+                                                  mode="drop"),
+        seen=state.seen.at[writes].set(True, mode="drop"))
 
   return FeatureMap(num_examples=n, names=tuple(names), init=init,
                     compute=compute, update=update)

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-from rais_jax import struct
+from rais_jax import scatter, struct
 
 from rais_jax.block_sampler import Sample, SamplerConfig
 
@@ -193,7 +193,8 @@ def _record_scores(config: SamplerConfig, state: InfoBatchState, sample: Sample,
                    losses: chex.Array) -> InfoBatchState:
   idx, losses = sample.indices.reshape(-1), losses.reshape(-1).astype(jnp.float32)
   finite = jnp.isfinite(losses)
-  scores = state.scores.at[jnp.where(finite, idx, config.num_examples)].set(
+  # (A block longer than the kept set visits some examples twice.)
+  scores = state.scores.at[scatter.last_valid(idx, finite, config.num_examples)].set(
       losses, mode="drop")
   return state.replace(scores=scores, cursor=state.cursor + idx.size,
                        nonfinite_losses=state.nonfinite_losses
