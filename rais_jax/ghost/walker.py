@@ -185,7 +185,7 @@ class Walker:
 
   def _unroll_scan(self, eqn, vals, tags):
     p = eqn.params
-    body, nc, nk = p["jaxpr"], p["num_consts"], p["num_carry"]
+    body, (nc, nk) = p["jaxpr"], _scan_consts_and_carry(eqn)
     carry, carry_tags = list(vals[nc:nc + nk]), list(tags[nc:nc + nk])
     steps = range(p["length"])
     ys = [None] * p["length"]
@@ -222,4 +222,17 @@ class Walker:
 def _unrollable(eqn, tags: Sequence[Tag]) -> bool:
   if eqn.primitive.name != "scan" or eqn.params["length"] > MAX_UNROLL:
     return False
-  return not any(t.is_param for t in tags[:eqn.params["num_consts"]])
+  return not any(t.is_param for t in tags[:_scan_consts_and_carry(eqn)[0]])
+
+
+def _scan_consts_and_carry(eqn) -> tuple[int, int]:
+  """How many of a scan's operands are constants and carries.
+
+  JAX ≤ 0.10 has them as parameters; from 0.11 the operands' grouping is a
+  flat tree ``ft_in`` of (constants, carries, xs).
+  """
+  p = eqn.params
+  if "num_consts" in p:
+    return p["num_consts"], p["num_carry"]
+  consts, carry, _ = p["ft_in"].unpack()
+  return len(consts), len(carry)
