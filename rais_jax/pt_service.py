@@ -18,7 +18,7 @@ submission; since the same compiled solver runs on the same device on the same
 snapshot, sync and async runs are bit-identical on every backend.
 
 Results are keyed by their due step and a fingerprint of the snapshot (the
-float32 sum of its norms and probabilities), so a run resumed from a checkpoint,
+sums of its norms' and probabilities' bit patterns), so a run resumed from a checkpoint,
 or any state the service has not seen, is solved afresh instead of receiving
 another run's result.
 """
@@ -80,10 +80,18 @@ def default_device() -> jax.Device:
 
 
 def fingerprint(pending: PendingSolve) -> jax.Array:
-  """(Σ norms, Σ probs, due) of a snapshot, computed on device: tells
-  snapshots apart without copying them to the host."""
-  return jnp.stack([pending.norms.sum(), pending.probs.sum(),
-                    pending.due.astype(jnp.float32)])
+  """(Σ bits of the norms, Σ bits of the probs, due) of a snapshot, computed
+  on device: tells snapshots apart without copying them to the host.
+
+  Sums of the float32 bit patterns as int32 (wrapping): exact, so every
+  program that computes it (the block that takes the snapshot, or a later
+  call) gets the same key, whatever its order of summation (a float sum
+  rounds differently per program on a GPU).
+  """
+  bits = lambda x: jax.lax.bitcast_convert_type(
+      x.astype(jnp.float32), jnp.int32).sum(dtype=jnp.int32)
+  return jnp.stack([bits(pending.norms), bits(pending.probs),
+                    pending.due.astype(jnp.int32)])
 
 
 def _local(x: jax.Array) -> jax.Array:
@@ -104,13 +112,13 @@ class SolveService:
 
   @staticmethod
   def key(pending: PendingSolve) -> tuple:
-    """(Σ norms, Σ probs, due) read to the host: waits for ``pending`` to exist."""
+    """:func:`fingerprint` read to the host: waits for ``pending`` to exist."""
     return SolveService.key_of(fingerprint(pending))
 
   @staticmethod
   def key_of(fingerprint_: jax.Array) -> tuple:
     """The key of a :func:`fingerprint` computed on device (a host read)."""
-    return tuple(float(v) for v in jax.device_get(_local(fingerprint_)))
+    return tuple(int(v) for v in jax.device_get(_local(fingerprint_)))
 
   def submit(self, pending: PendingSolve, *, key: Optional[tuple] = None) -> None:
     """Starts solving ``pending`` (no-op if already in flight); ``key``, if
