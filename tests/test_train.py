@@ -72,18 +72,29 @@ def test_ghost_step_matches_vmap_step(problem, method):
 
 
 def test_async_and_sync_runs_are_identical(problem):
+  """Bit-identical on the CPU. The per-step path solves an asynchronous (PT)
+  on the host's CPU device (a callback) and a synchronous one in-graph, on the
+  default device: on an accelerator the two (c, d) round apart, so there the
+  runs agree until the first delivery (the fast path, make_runner, solves
+  both on the CPU device: bit-identical everywhere, tests/test_runner.py)."""
   a, ma, _ = _run(problem, "rais", 60, mode="async")
   s, ms, _ = _run(problem, "rais", 60, mode="sync")
   assert int(a.sampler.diagnostics.pt_solves) >= 5
-  jax.tree.map(np.testing.assert_array_equal, a, s)
-  jax.tree.map(np.testing.assert_array_equal, ma, ms)
+  assert int(a.sampler.diagnostics.pt_solves) == int(s.sampler.diagnostics.pt_solves)
+  if jax.default_backend() == "cpu":
+    jax.tree.map(np.testing.assert_array_equal, a, s)
+    jax.tree.map(np.testing.assert_array_equal, ma, ms)
+  else:  # D fills after a period; its solve is applied after the delay
+    config = _sampler("rais", problem[3]).config
+    first = config.pt_period + config.pt_delay
+    np.testing.assert_allclose(ma.loss[:first], ms.loss[:first], rtol=1e-5)
 
 
 def test_orbax_resume_is_bit_identical(problem, tmp_path):
   full, _, _ = _run(problem, "rais", 50)
-  # 25 steps leaves a (PT) solve in flight (submitted at 24, due at 27).
+  # 25 steps leaves a (PT) solve in flight (submitted at 24, due at 30).
   half, _, _ = _run(problem, "rais", 25)
-  assert int(half.sampler.pending.due) == 27
+  assert int(half.sampler.pending.due) == 30
   path = tmp_path / "ckpt"
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, half)
