@@ -146,6 +146,8 @@ class Runner:
                                  "_submit_snapshot")}
     self._jitted["steps"] = jax.jit(self.steps, donate_argnums=0,
                                     static_argnames="num_steps")
+    self._jitted["blocks"] = jax.jit(self.blocks, donate_argnums=0,
+                                     static_argnames=("num_blocks", "num_steps"))
     self._jitted["fed_steps"] = jax.jit(self.fed_steps, donate_argnums=0)
     self._jitted["draw"] = jax.jit(self.draw, static_argnames="num_steps")
 
@@ -393,6 +395,20 @@ class Runner:
     drawn = self.draw(state, key, num_steps=num_steps)
     return self._block(state, data, drawn, drawn)
 
+  def blocks(self, state: RunnerState, key: chex.PRNGKey, data: PyTree, *,
+             num_blocks: int, num_steps: Optional[int] = None
+             ) -> tuple[RunnerState, StepMetrics]:
+    """``num_blocks`` blocks of :meth:`steps` in one program (a ``lax.scan``
+    over blocks), block b with key ``fold_in(key, step)`` at its first step:
+    what :meth:`run` dispatches between two period boundaries, so that the
+    host issues one program per stretch instead of one (and a key) per
+    block. Pure and jit-able; the metrics are concatenated over blocks."""
+    def block(state, _):
+      return self.steps(state, jax.random.fold_in(key, state.step), data,
+                        num_steps=num_steps)
+    state, metrics = jax.lax.scan(block, state, None, length=num_blocks)
+    return state, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), metrics)
+
   def draw(self, state: RunnerState, key: chex.PRNGKey, *,
            num_steps: Optional[int] = None):
     """The next block's draw (K steps, or ``num_steps``): a
@@ -530,11 +546,48 @@ class Runner:
 
   # -- host driver ---------------------------------------------------------
 
-  def _block_lengths(self, num_steps: int) -> list[int]:
-    """Blocks of K, then the rest in blocks of powers of two (at most
-    log₂ K + 1 programs to compile)."""
-    k, rest = self.block_size, num_steps % self.block_size
-    return [k] * (num_steps // k) + [n for n in self._short_lengths if rest & n]
+  def _breaks(self) -> list[int]:
+    """Steps (mod :attr:`_break_period`) at which :meth:`run` returns to the
+    host between blocks: (PT) snapshots and deliveries, oracle refreshes."""
+    if self.pt_enabled:
+      return sorted({0, self.pt_delay % self.pt_period})
+    return [0] if self.config.kind == "oracle" else []
+
+  @property
+  def _break_period(self) -> int:
+    return self.pt_period if self.pt_enabled else self.oracle_period
+
+  def _gaps(self) -> set[int]:
+    """Numbers of blocks between consecutive breaks (none without breaks)."""
+    breaks = self._breaks()
+    ends = breaks[1:] + [b + self._break_period for b in breaks[:1]]
+    return {(b - a) // self.block_size for a, b in zip(breaks, ends)}
+
+  def _schedule(self, step: int, num_steps: int) -> list[tuple[int, int]]:
+    """(number of blocks, block length) of each program :meth:`run` issues.
+
+    Whole blocks run in stretches up to the next break (one program each);
+    a stretch as long as the gap between two breaks is one program, others
+    are split into powers of two blocks (few programs to compile for runs
+    that start or end between breaks). Then the rest, shorter than K, in
+    single blocks of powers of two (at most log₂ K + 1 programs).
+    """
+    k = self.block_size
+    end = step + num_steps - num_steps % k
+    breaks, period, gaps = self._breaks(), self._break_period, self._gaps()
+    out = []
+    while step < end:
+      stop = end
+      if breaks:
+        base = step - step % period
+        stop = min(stop, min(base + b for b in breaks + [breaks[0] + period]
+                             if base + b > step))
+      count = (stop - step) // k
+      out += [(count, k)] if count in gaps else [
+          (1 << b, k) for b in reversed(range(count.bit_length())) if count >> b & 1]
+      step = stop
+    rest = num_steps % k
+    return out + [(1, n) for n in self._short_lengths if rest & n]
 
   def run(self, state: RunnerState, key: chex.PRNGKey,
           data: PyTree | Callable[[np.ndarray], PyTree],
@@ -577,19 +630,21 @@ class Runner:
     # after the next block is dispatched: reading it waits for the snapshot,
     # not for that block, so the device never idles for the host.
     taken = None
-    for length in self._block_lengths(num_steps):
+    schedule = self._schedule(step, num_steps)
+    if loader is not None:  # the host loads every block
+      schedule = [(1, length) for count, length in schedule for _ in range(count)]
+    for count, length in schedule:
       if self.config.kind == "oracle" and self._refresh_due(step):
         state = jitted["refresh"](state, data)
-      block_key = jax.random.fold_in(key, step)
       if loader is None:
-        state, block_metrics = jitted["steps"](state, block_key, data,
-                                               num_steps=length)
+        state, block_metrics = jitted["blocks"](state, key, data, num_blocks=count,
+                                                num_steps=length)
       else:
-        drawn = jitted["draw"](state, block_key, num_steps=length)
+        drawn = jitted["draw"](state, jax.random.fold_in(key, step), num_steps=length)
         state, block_metrics = jitted["fed_steps"](
             state, drawn, loader(np.asarray(drawn.indices)))
       metrics.append(block_metrics)
-      step += length
+      step += count * length
       if self.service is None:
         continue
       if taken is not None:
@@ -613,6 +668,8 @@ class Runner:
           "inputs, labels outside the model's classes, or divergence: then "
           "lower the learning rate). RunnerState.skipped_steps counts them.",
           RuntimeWarning, stacklevel=2)
+    if len(metrics) == 1:
+      return state, metrics[0]
     return state, jax.tree.map(lambda *x: jnp.concatenate(x), *metrics)
 
   def run_epoch(self, state: RunnerState, key: chex.PRNGKey,
@@ -626,24 +683,31 @@ class Runner:
       num_steps = int(state.sampler.epoch_steps)
     return self.run(state, key, data, num_steps)
 
-  def warm_up(self, params: PyTree, data: PyTree) -> None:
-    """Compiles every program :meth:`run` may call (one block, the period
-    work, the (PT) solver; InfoBatch's plan and shorter blocks) on a
-    throwaway state, so that timing a run afterwards does not include
-    compilation."""
+  def warm_up(self, params: PyTree, data: PyTree,
+              num_steps: Optional[int] = None) -> None:
+    """Compiles every program :meth:`run` may call for runs of up to
+    ``num_steps`` steps (default one epoch, n // m): the stretches of blocks
+    its schedule can issue, the period work, the (PT) solver, InfoBatch's
+    plan and shorter blocks. On a throwaway state, so that timing a run
+    afterwards does not include compilation."""
+    k = self.block_size
+    num_steps = self.num_examples // self.batch_size if num_steps is None else num_steps
+    gaps = self._gaps()
+    longest = max(gaps) if gaps else max(num_steps // k, 1)
+    programs = {(c, k) for c in gaps} | {
+        (1 << b, k) for b in range(longest.bit_length()) if 1 << b <= longest}
     state = self.init(params)
-    lengths = {self.block_size}
     if self.config.kind == "infobatch":
       state = self._jitted["plan"](state, jax.random.key(0))
-      lengths |= set(self._short_lengths)
-    for length in sorted(lengths):
-      state, _ = self._jitted["steps"](state, jax.random.key(0), data,
-                                       num_steps=length)
+    if not self.whole_blocks:
+      programs |= {(1, n) for n in self._short_lengths}
+    for count, length in sorted(programs):
+      state, _ = self._jitted["blocks"](state, jax.random.key(0), data,
+                                        num_blocks=count, num_steps=length)
     if self.config.kind == "oracle":
       state = self._jitted["refresh"](state, data)
     if self.service is not None:
-      state = self._jitted["submit"](state)
-      pending = state.sampler.pending
+      state, (pending, _) = self._jitted["_submit_snapshot"](state)
       self.service.submit(pending)
       solved = self.service.take(self.service.key(pending),
                                  (state.sampler.c, state.sampler.d))

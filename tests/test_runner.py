@@ -239,7 +239,7 @@ def test_methods_train(problem, method):
     seen = np.asarray(state.sampler.features) >= 0
     assert 0.9 * N < seen.sum() and np.all(np.isfinite(state.sampler.features))
   if method == "rais":
-    assert runner.pt_period == 8 and runner.pt_delay == 4
+    assert runner.pt_period == 8 and runner.pt_delay == 8  # the default: one period
     assert int(state.sampler.diagnostics.pt_solves) >= 15
     assert int(state.sampler.diagnostics.pt_failures) == 0
 
@@ -282,8 +282,11 @@ def test_loader_errors(problem):
 
 @pytest.mark.parametrize("norms", ["proxy", "exact"])
 def test_async_sync_and_in_graph_runs_are_identical(problem, norms):
-  """Host solves with and without waiting, and in-graph solves (one scanned
-  program over blocks): bit-identical states and metrics on the CPU."""
+  """Host solves with and without waiting: bit-identical states and metrics
+  on every backend (both solve on the host's CPU device). In-graph solves (one
+  scanned program over blocks) run on the default device: the same run on the
+  CPU; elsewhere their (c, d) round differently, so the runs part ways after
+  the first delivery."""
   data, _, params, _ = problem
   a, ma, _ = _run(problem, 96, mode="async", norms=norms)
   s, ms, _ = _run(problem, 96, mode="sync", norms=norms)
@@ -296,7 +299,13 @@ def test_async_sync_and_in_graph_runs_are_identical(problem, norms):
       jnp.arange(96 // K)))
   g, mg = graph(runner.init(params))
   mg = jax.tree.map(lambda x: x.reshape(-1), mg)
-  jax.tree.map(np.testing.assert_array_equal, (g, mg), (s, ms))
+  if jax.default_backend() == "cpu":
+    jax.tree.map(np.testing.assert_array_equal, (g, mg), (s, ms))
+  else:
+    # (The two programs fuse differently, so even before the first delivery
+    # they may round apart; the first block agrees to float tolerance.)
+    np.testing.assert_allclose(mg.loss[:K], ms.loss[:K], rtol=1e-5)
+    assert int(g.sampler.diagnostics.pt_solves) == int(s.sampler.diagnostics.pt_solves)
 
 
 def _count_solves(runner) -> list:
@@ -304,6 +313,26 @@ def _count_solves(runner) -> list:
   calls, solve = [], runner.service._solve  # pylint: disable=protected-access
   runner.service._solve = lambda *a: calls.append(1) or solve(*a)  # pylint: disable=protected-access
   return calls
+
+
+def test_schedule_issues_one_program_per_period(problem):
+  """run() dispatches whole stretches of blocks between the boundaries where
+  the host has work ((PT) delivery and snapshot; the oracle's refresh):
+  one program per gap, powers of two blocks where a run starts or ends
+  between them, then the rest (< K) in powers of two."""
+  rais = _runner(problem)  # K = 4, (PT) period 8, delay 8: boundaries at 0 mod 8
+  assert rais._schedule(0, 32) == [(2, K)] * 4
+  assert rais._schedule(4, 20) == [(1, K), (2, K), (2, K)]
+  delayed = rj.make_runner(  # delay 4: boundaries at 0 and 4 mod 8
+      problem[1], rj.softmax_cross_entropy_head(), rj.rais_sgd(0.05),
+      rj.rais_sampler(rj.default_features(problem[3], CLASSES), batch_size=M,
+                      buffer_size=128, pt_delay=4),
+      block_size=K)
+  assert delayed._schedule(0, 16) == [(1, K)] * 4
+  usgd = _runner(problem, "usgd")  # nothing to do between blocks
+  assert usgd._schedule(0, 7 * K + 3) == [(4, K), (2, K), (1, K), (1, 2), (1, 1)]
+  oracle = _runner(problem, "osgd")  # refresh every 8 steps
+  assert oracle._schedule(0, 24) == [(2, K)] * 3
 
 
 def test_calls_in_pieces_equal_one_call(problem):
@@ -336,8 +365,8 @@ def test_checkpoint_resume_mid_solve_is_bit_identical(problem, tmp_path):
   new runner (whose service never saw it): the run continues bit-identically."""
   data, _, params, labels = problem
   full, _, _ = _run(problem, 48)
-  half, _, _ = _run(problem, 24)  # (PT) period 8, delay 4: submitted at 24
-  assert int(half.sampler.pending.due) == 28
+  half, _, _ = _run(problem, 24)  # (PT) period 8, delay 8: submitted at 24
+  assert int(half.sampler.pending.due) == 32
   sampler = _sampler("rais", labels)
   checkpoint.save(tmp_path / "ckpt", half, sampler)
   fresh = _runner(problem)
