@@ -26,8 +26,12 @@ Every weight uses the p its index was drawn from, so g_R stays unbiased; the
 features and trees are up to K steps stale. The (PT) period becomes a multiple
 of K: P = K ⌈⌈|D|/m⌉ / K⌉ steps, and its delay a whole number of blocks.
 
-:meth:`Runner.run` drives blocks from the host (methods without period
-work may end a run with shorter blocks: lengths K, then powers of two);
+:meth:`Runner.run` drives blocks from the host: the blocks between two
+period boundaries are one program (:meth:`Runner.blocks`, a scan over blocks
+whose keys are folded in on device; an epoch for methods without period
+work), since on a GPU every program the host issues and every eager op
+between them costs ~0.1–0.5 ms of the host's time; methods without period
+work may end a run with shorter blocks (powers of two).
 :meth:`Runner.run_epoch` runs n // m steps, or InfoBatch's planned epoch.
 With ``pt_mode="async"`` each
 snapshot is solved by a :class:`rais_jax.pt_service.SolveService` on the host
@@ -150,6 +154,10 @@ class Runner:
                                      static_argnames=("num_blocks", "num_steps"))
     self._jitted["fed_steps"] = jax.jit(self.fed_steps, donate_argnums=0)
     self._jitted["draw"] = jax.jit(self.draw, static_argnames="num_steps")
+    # One program joins the metrics of a run's programs (eager concatenations
+    # cost a dispatch per field, ~0.1–0.5 ms each on a GPU's host).
+    self._jitted["concat"] = jax.jit(
+        lambda parts: jax.tree.map(lambda *x: jnp.concatenate(x), *parts))
 
   # -- pure functions ------------------------------------------------------
 
@@ -558,19 +566,23 @@ class Runner:
     return self.pt_period if self.pt_enabled else self.oracle_period
 
   def _gaps(self) -> set[int]:
-    """Numbers of blocks between consecutive breaks (none without breaks)."""
-    breaks = self._breaks()
+    """Numbers of blocks between consecutive breaks; without breaks, the
+    whole blocks of an epoch (n // m steps: :meth:`run_epoch`)."""
+    breaks, k = self._breaks(), self.block_size
+    if not breaks:
+      return {self.num_examples // self.batch_size // k}
     ends = breaks[1:] + [b + self._break_period for b in breaks[:1]]
-    return {(b - a) // self.block_size for a, b in zip(breaks, ends)}
+    return {(b - a) // k for a, b in zip(breaks, ends)}
 
   def _schedule(self, step: int, num_steps: int) -> list[tuple[int, int]]:
     """(number of blocks, block length) of each program :meth:`run` issues.
 
     Whole blocks run in stretches up to the next break (one program each);
-    a stretch as long as the gap between two breaks is one program, others
-    are split into powers of two blocks (few programs to compile for runs
-    that start or end between breaks). Then the rest, shorter than K, in
-    single blocks of powers of two (at most log₂ K + 1 programs).
+    a stretch as long as the gap between two breaks (without breaks: an
+    epoch) is one program, others are split into powers of two blocks (few
+    programs to compile for runs that start or end between breaks). Then the
+    rest, shorter than K, in single blocks of powers of two (at most
+    log₂ K + 1 programs).
     """
     k = self.block_size
     end = step + num_steps - num_steps % k
@@ -592,8 +604,9 @@ class Runner:
   def run(self, state: RunnerState, key: chex.PRNGKey,
           data: PyTree | Callable[[np.ndarray], PyTree],
           num_steps: int) -> tuple[RunnerState, StepMetrics]:
-    """``num_steps`` steps, block by block, with the period work at the block
-    boundaries of the static schedule and (PT) solves handed to the service.
+    """``num_steps`` steps in blocks of K, with the period work at the block
+    boundaries of the static schedule and (PT) solves handed to the service;
+    the blocks between two boundaries run as one program (:meth:`blocks`).
 
     ``data`` is the training set on device (leading axis n), or a loader:
     a function from a block's indices, a NumPy (K, m) array, to that
@@ -603,9 +616,10 @@ class Runner:
     RAIS with (PT) and O-SGD run whole blocks only (``num_steps`` a multiple
     of K); the other methods end with shorter blocks where needed.
     ``state`` is donated (its buffers are reused in place): continue from
-    the returned state. The host reads the device once per call and once per
-    (PT) period (the snapshot, after the next block is dispatched, so the
-    device does not wait for it); otherwise it only dispatches.
+    the returned state. The host reads the device at the start and the end
+    of a call and once per (PT) period (the snapshot, after the next
+    program is dispatched, so the device does not wait for it); otherwise it
+    only dispatches.
     """
     k = self.block_size
     loader = data if callable(data) else None
@@ -668,9 +682,7 @@ class Runner:
           "inputs, labels outside the model's classes, or divergence: then "
           "lower the learning rate). RunnerState.skipped_steps counts them.",
           RuntimeWarning, stacklevel=2)
-    if len(metrics) == 1:
-      return state, metrics[0]
-    return state, jax.tree.map(lambda *x: jnp.concatenate(x), *metrics)
+    return state, metrics[0] if len(metrics) == 1 else jitted["concat"](metrics)
 
   def run_epoch(self, state: RunnerState, key: chex.PRNGKey,
                 data: PyTree | Callable[[np.ndarray], PyTree]
@@ -683,24 +695,22 @@ class Runner:
       num_steps = int(state.sampler.epoch_steps)
     return self.run(state, key, data, num_steps)
 
-  def warm_up(self, params: PyTree, data: PyTree,
-              num_steps: Optional[int] = None) -> None:
-    """Compiles every program :meth:`run` may call for runs of up to
-    ``num_steps`` steps (default one epoch, n // m): the stretches of blocks
-    its schedule can issue, the period work, the (PT) solver, InfoBatch's
-    plan and shorter blocks. On a throwaway state, so that timing a run
-    afterwards does not include compilation."""
-    k = self.block_size
-    num_steps = self.num_examples // self.batch_size if num_steps is None else num_steps
-    gaps = self._gaps()
-    longest = max(gaps) if gaps else max(num_steps // k, 1)
-    programs = {(c, k) for c in gaps} | {
-        (1 << b, k) for b in range(longest.bit_length()) if 1 << b <= longest}
+  def warm_up(self, params: PyTree, data: PyTree) -> None:
+    """Compiles every program that :meth:`run_epoch`, called epoch after
+    epoch from step 0, issues (the stretches of blocks at each phase of an
+    epoch in the (PT) period, the period work, the (PT) solver; InfoBatch's
+    plan and shorter blocks), on a throwaway state, so that timing such a
+    run afterwards does not include compilation. (Runs of other lengths
+    may compile more stretches when they first need them.)"""
+    k, epoch = self.block_size, max(self.num_examples // self.batch_size, 1)
+    period = self._break_period if self._breaks() else epoch
+    phases = {e * epoch % period for e in range(period // math.gcd(epoch, period))}
+    programs = {p for phase in phases for p in self._schedule(phase, epoch)}
+    powers = lambda top: {(1 << b, k) for b in range(top.bit_length())}
     state = self.init(params)
-    if self.config.kind == "infobatch":
+    if self.config.kind == "infobatch":  # its epochs vary in length
       state = self._jitted["plan"](state, jax.random.key(0))
-    if not self.whole_blocks:
-      programs |= {(1, n) for n in self._short_lengths}
+      programs |= powers(epoch // k) | {(1, n) for n in self._short_lengths}
     for count, length in sorted(programs):
       state, _ = self._jitted["blocks"](state, jax.random.key(0), data,
                                         num_blocks=count, num_steps=length)

@@ -318,8 +318,8 @@ def _count_solves(runner) -> list:
 def test_schedule_issues_one_program_per_period(problem):
   """run() dispatches whole stretches of blocks between the boundaries where
   the host has work ((PT) delivery and snapshot; the oracle's refresh):
-  one program per gap, powers of two blocks where a run starts or ends
-  between them, then the rest (< K) in powers of two."""
+  one program per gap (without them, per epoch), powers of two blocks where
+  a run starts or ends between them, then the rest (< K) in powers of two."""
   rais = _runner(problem)  # K = 4, (PT) period 8, delay 8: boundaries at 0 mod 8
   assert rais._schedule(0, 32) == [(2, K)] * 4
   assert rais._schedule(4, 20) == [(1, K), (2, K), (2, K)]
@@ -330,9 +330,26 @@ def test_schedule_issues_one_program_per_period(problem):
       block_size=K)
   assert delayed._schedule(0, 16) == [(1, K)] * 4
   usgd = _runner(problem, "usgd")  # nothing to do between blocks
+  assert usgd._schedule(0, N // M) == [(3, K), (1, 2), (1, 1)]  # an epoch: 15 steps
   assert usgd._schedule(0, 7 * K + 3) == [(4, K), (2, K), (1, K), (1, 2), (1, 1)]
   oracle = _runner(problem, "osgd")  # refresh every 8 steps
   assert oracle._schedule(0, 24) == [(2, K)] * 3
+
+
+@pytest.mark.parametrize("method", ["usgd", "rais"])
+def test_warm_up_compiles_what_epochs_run(problem, method):
+  """After warm_up, epoch after epoch compiles nothing more (RAIS: K = 3,
+  period 9, epochs of 15 steps start at every third step of a period)."""
+  data, _, params, _ = problem
+  runner = _runner(problem, method, block_size=3)
+  runner.warm_up(params, data)
+  programs = ("blocks", "deliver", "_submit_snapshot")
+  sizes = [runner._jitted[p]._cache_size() for p in programs]
+  state = runner.init(params)
+  with runner:
+    for epoch in range(4):
+      state, _ = runner.run_epoch(state, jax.random.key(epoch), data)
+  assert [runner._jitted[p]._cache_size() for p in programs] == sizes
 
 
 def test_calls_in_pieces_equal_one_call(problem):
