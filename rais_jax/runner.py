@@ -696,24 +696,30 @@ class Runner:
     return self.run(state, key, data, num_steps)
 
   def warm_up(self, params: PyTree, data: PyTree) -> None:
-    """Compiles every program that :meth:`run_epoch`, called epoch after
-    epoch from step 0, issues (the stretches of blocks at each phase of an
-    epoch in the (PT) period, the period work, the (PT) solver; InfoBatch's
-    plan and shorter blocks), on a throwaway state, so that timing such a
-    run afterwards does not include compilation. (Runs of other lengths
-    may compile more stretches when they first need them.)"""
+    """Compiles the programs of epoch-by-epoch training (:meth:`run_epoch`
+    from step 0: the stretches of blocks at each phase of an epoch in the
+    (PT) period and the joining of their metrics; stretches of powers of two
+    blocks for runs that stop early; the period work and the (PT) solver;
+    InfoBatch's plan and shorter blocks), on a throwaway state, so that
+    timing such a run afterwards does not include compilation."""
     k, epoch = self.block_size, max(self.num_examples // self.batch_size, 1)
     period = self._break_period if self._breaks() else epoch
-    phases = {e * epoch % period for e in range(period // math.gcd(epoch, period))}
-    programs = {p for phase in phases for p in self._schedule(phase, epoch)}
-    powers = lambda top: {(1 << b, k) for b in range(top.bit_length())}
+    schedules = [self._schedule(e * epoch % period, epoch)
+                 for e in range(period // math.gcd(epoch, period))]
+    longest = max(self._gaps()) if self._breaks() else epoch // k
+    programs = {p for sched in schedules for p in sched} | {
+        (1 << b, k) for b in range(longest.bit_length())}
     state = self.init(params)
     if self.config.kind == "infobatch":  # its epochs vary in length
       state = self._jitted["plan"](state, jax.random.key(0))
-      programs |= powers(epoch // k) | {(1, n) for n in self._short_lengths}
+      programs |= {(1, n) for n in self._short_lengths}
+    metrics = {}
     for count, length in sorted(programs):
-      state, _ = self._jitted["blocks"](state, jax.random.key(0), data,
-                                        num_blocks=count, num_steps=length)
+      state, metrics[count, length] = self._jitted["blocks"](
+          state, jax.random.key(0), data, num_blocks=count, num_steps=length)
+    for sched in schedules:
+      if len(sched) > 1:
+        self._jitted["concat"]([metrics[p] for p in sched])
     if self.config.kind == "oracle":
       state = self._jitted["refresh"](state, data)
     if self.service is not None:

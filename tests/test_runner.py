@@ -343,11 +343,11 @@ def test_warm_up_compiles_what_epochs_run(problem, method):
   data, _, params, _ = problem
   runner = _runner(problem, method, block_size=3)
   runner.warm_up(params, data)
-  programs = ("blocks", "deliver", "_submit_snapshot")
+  programs = ("blocks", "concat", "deliver", "_submit_snapshot")
   sizes = [runner._jitted[p]._cache_size() for p in programs]
   state = runner.init(params)
   with runner:
-    for epoch in range(4):
+    for epoch in range(3):  # epochs start at steps 0, 6 and 3 of the period
       state, _ = runner.run_epoch(state, jax.random.key(epoch), data)
   assert [runner._jitted[p]._cache_size() for p in programs] == sizes
 
