@@ -574,8 +574,10 @@ class Runner:
     ends = breaks[1:] + [b + self._break_period for b in breaks[:1]]
     return {(b - a) // k for a, b in zip(breaks, ends)}
 
-  def _schedule(self, step: int, num_steps: int) -> list[tuple[int, int]]:
-    """(number of blocks, block length) of each program :meth:`run` issues.
+  def _schedule(self, step: int, num_steps: int, also_at: tuple[int, ...] = ()
+                ) -> list[tuple[int, int]]:
+    """(number of blocks, block length) of each program :meth:`run` issues
+    (``also_at``: more steps to stop at, e.g. a restored state's due solve).
 
     Whole blocks run in stretches up to the next break (one program each);
     a stretch as long as the gap between two breaks (without breaks: an
@@ -589,7 +591,7 @@ class Runner:
     breaks, period, gaps = self._breaks(), self._break_period, self._gaps()
     out = []
     while step < end:
-      stop = end
+      stop = min([end] + [s for s in also_at if s > step and (s - step) % k == 0])
       if breaks:
         base = step - step % period
         stop = min(stop, min(base + b for b in breaks + [breaks[0] + period]
@@ -644,7 +646,10 @@ class Runner:
     # after the next block is dispatched: reading it waits for the snapshot,
     # not for that block, so the device never idles for the host.
     taken = None
-    schedule = self._schedule(step, num_steps)
+    # A state from elsewhere (a checkpoint) may have its solve due off this
+    # runner's boundaries: stop there too.
+    schedule = self._schedule(step, num_steps,
+                              also_at=() if due_key is None else (due_key[2],))
     if loader is not None:  # the host loads every block
       schedule = [(1, length) for count, length in schedule for _ in range(count)]
     for count, length in schedule:

@@ -352,6 +352,24 @@ def test_warm_up_compiles_what_epochs_run(problem, method):
   assert [runner._jitted[p]._cache_size() for p in programs] == sizes
 
 
+def test_a_solve_due_off_the_boundaries_is_applied(problem):
+  """A state whose solve is due where this runner has no boundary (taken
+  with another pt_delay, e.g. a checkpoint) still gets it applied."""
+  data, _, params, labels = problem
+  make = lambda **kw: rj.make_runner(
+      problem[1], rj.softmax_cross_entropy_head(), rj.rais_sgd(0.05, momentum=0.9),
+      rj.rais_sampler(rj.default_features(labels, CLASSES), batch_size=M,
+                      buffer_size=128, **kw), norms="proxy", block_size=K)
+  with make(pt_delay=4) as first:  # period 8: the snapshot at 8 is due at 12
+    state, _ = first.run(first.init(params), jax.random.key(0), data, 8)
+  assert int(state.sampler.pending.due) == 12
+  solves = int(state.sampler.diagnostics.pt_solves)
+  with make() as second:  # delay 8: boundaries at 0 mod 8 only
+    state, _ = second.run(state, jax.random.key(0), data, 16)
+  # Applied at 12 (the first runner's) and at 24 (the snapshot taken at 16).
+  assert int(state.sampler.diagnostics.pt_solves) == solves + 2
+
+
 def test_calls_in_pieces_equal_one_call(problem):
   """Also: each snapshot is solved once, including one taken at the very end
   of a call (handed to the service before the call returns) and one in
