@@ -130,9 +130,6 @@ class Runner:
     # in whole blocks; the others may end a run with shorter blocks.
     self.whole_blocks = self.pt_enabled or config.kind == "oracle"
     self._lib = selection if config.kind in selection.KINDS else bs
-    # Shorter blocks that end a run: powers of two below K, longest first.
-    self._short_lengths = [1 << b for b in reversed(range(k.bit_length()))
-                           if 1 << b < k]
     blocks = lambda steps: max(1, math.ceil(steps / k))
     self.pt_period = k * blocks(config.pt_period)
     self.pt_delay = k * min(blocks(config.pt_delay), self.pt_period // k)
@@ -148,8 +145,6 @@ class Runner:
     self._jitted = {name: jax.jit(getattr(self, name), donate_argnums=0)
                     for name in ("refresh", "deliver", "submit", "plan",
                                  "_submit_snapshot")}
-    self._jitted["steps"] = jax.jit(self.steps, donate_argnums=0,
-                                    static_argnames="num_steps")
     self._jitted["blocks"] = jax.jit(self.blocks, donate_argnums=0,
                                      static_argnames=("num_blocks", "num_steps"))
     self._jitted["fed_steps"] = jax.jit(self.fed_steps, donate_argnums=0)
@@ -597,11 +592,9 @@ class Runner:
         stop = min(stop, min(base + b for b in breaks + [breaks[0] + period]
                              if base + b > step))
       count = (stop - step) // k
-      out += [(count, k)] if count in gaps else [
-          (1 << b, k) for b in reversed(range(count.bit_length())) if count >> b & 1]
+      out += [(count, k)] if count in gaps else [(c, k) for c in _binary(count)]
       step = stop
-    rest = num_steps % k
-    return out + [(1, n) for n in self._short_lengths if rest & n]
+    return out + [(1, n) for n in _binary(num_steps % k)]
 
   def run(self, state: RunnerState, key: chex.PRNGKey,
           data: PyTree | Callable[[np.ndarray], PyTree],
@@ -711,13 +704,12 @@ class Runner:
     period = self._break_period if self._breaks() else epoch
     schedules = [self._schedule(e * epoch % period, epoch)
                  for e in range(period // math.gcd(epoch, period))]
-    longest = max(self._gaps()) if self._breaks() else epoch // k
     programs = {p for sched in schedules for p in sched} | {
-        (1 << b, k) for b in range(longest.bit_length())}
+        (c, k) for c in _powers_of_two(max(self._gaps()))}
     state = self.init(params)
     if self.config.kind == "infobatch":  # its epochs vary in length
       state = self._jitted["plan"](state, jax.random.key(0))
-      programs |= {(1, n) for n in self._short_lengths}
+      programs |= {(1, n) for n in _powers_of_two(k - 1)}
     metrics = {}
     for count, length in sorted(programs):
       state, metrics[count, length] = self._jitted["blocks"](
@@ -745,6 +737,16 @@ class Runner:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def _binary(count: int) -> list[int]:
+  """``count`` as a sum of powers of two, largest first (13 → [8, 4, 1])."""
+  return [1 << b for b in reversed(range(count.bit_length())) if count >> b & 1]
+
+
+def _powers_of_two(top: int) -> list[int]:
+  """Every power of two up to ``top`` (the parts :func:`_binary` may use)."""
+  return [1 << b for b in range(top.bit_length())]
 
 
 def make_runner(model_fn: ModelFn, loss_head: LossHead,
