@@ -18,7 +18,7 @@ solve takes longer than a period of steps.
 from __future__ import annotations
 
 import argparse
-import collections
+import functools
 import glob
 import gzip
 import json
@@ -32,7 +32,8 @@ import optax
 import rais_jax as rj
 
 from common import (RESULTS, add_mlp_arguments,  # pylint: disable=g-bad-import-order
-                    carried, interleaved_medians, synthetic_mlp_problem, write)
+                    carried, interleaved_medians, plain_sgd_step,
+                    synthetic_mlp_problem, write)
 
 
 def device_trace(fn, calls: int) -> tuple[float, float]:
@@ -74,13 +75,7 @@ def main(argv=None):
 
   sgd = optax.sgd(0.01, momentum=0.9)
 
-  def plain_step(carry, key):
-    params, opt_state = carry
-    batch = jax.tree.map(lambda x: x[jax.random.randint(key, (m,), 0, n)], data)
-    grads = jax.grad(lambda p_: head(model_fn(p_, batch), batch).mean())(params)
-    updates, opt_state = sgd.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), None
-
+  plain_step = functools.partial(plain_sgd_step(model_fn, head, sgd, m, n), data=data)
   plain = jax.jit(lambda c, key: jax.lax.scan(plain_step, c, jax.random.split(key, period))[0],
                   donate_argnums=0)
   variants = {"plain optax scan": carried(lambda c: plain(c, jax.random.key(3)),
@@ -91,7 +86,7 @@ def main(argv=None):
     state, _ = runner.run(state, jax.random.key(1), data, 2 * period)  # fitted
     key = jax.random.key(2)
     one = runner._jitted["blocks"]  # pylint: disable=protected-access
-    each = runner._jitted["steps"]  # pylint: disable=protected-access
+    each = jax.jit(runner.steps, donate_argnums=0)
 
     def per_block(s, each=each):
       for kk in keys:

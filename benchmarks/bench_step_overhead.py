@@ -23,7 +23,7 @@ import optax
 import rais_jax as rj
 
 from common import (add_mlp_arguments, carried,  # pylint: disable=g-bad-import-order
-                    interleaved_medians, synthetic_mlp_problem, write)
+                    interleaved_medians, plain_sgd_step, synthetic_mlp_problem, write)
 
 
 def main(argv=None):
@@ -44,15 +44,7 @@ def main(argv=None):
 
   sgd = optax.sgd(0.01, momentum=0.9)
 
-  def plain_step(carry, key, data=data, report_loss=False):
-    params, opt_state = carry
-    idx = jax.random.randint(key, (m,), 0, n)
-    batch = jax.tree.map(lambda x: x[idx], data)
-    loss, grads = jax.value_and_grad(
-        lambda p_: head(model_fn(p_, batch), batch).mean())(params)
-    updates, opt_state = sgd.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), (
-        loss if report_loss else None)
+  plain_step = functools.partial(plain_sgd_step(model_fn, head, sgd, m, n), data=data)
 
   # The baseline closes over the data (a compile-time constant); the
   # runners take it as an argument. With randint drawn inside the loop, as

@@ -89,12 +89,13 @@ def main(argv=None):
 
   def block_variant(runner, state, patch=None):
     """``blocks`` bare blocks per call, traced with ``patch`` in place."""
+    steps = jax.jit(runner.steps, donate_argnums=0)
     with _replaced(*patch) if patch else contextlib.nullcontext():
-      state, _ = runner._jitted["steps"](state, jax.random.key(0), data)  # pylint: disable=protected-access
+      state, _ = steps(state, jax.random.key(0), data)  # traced while patched
 
     def call(s):
       for i in range(blocks):
-        s, _ = runner._jitted["steps"](s, jax.random.key(i), data)  # pylint: disable=protected-access
+        s, _ = steps(s, jax.random.key(i), data)
       return s
     return carried(call, state)
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -50,6 +51,24 @@ def synthetic_mlp_problem(args: argparse.Namespace) -> MLPProblem:
   model_fn, params = functional(MLP(args.in_features, args.hidden, 10, rngs=nnx.Rngs(0)))
   size = f"{args.in_features}-{'-'.join(map(str, args.hidden))}-10"
   return MLPProblem(data, labels, model_fn, params, size)
+
+
+def plain_sgd_step(model_fn, loss_head, optimizer, batch_size: int,
+                   num_examples: int) -> Callable[..., Any]:
+  """The baseline the runners are timed against: ``step(carry, key, *, data,
+  report_loss=False)``, one hand-written optax step on ``batch_size``
+  uniform ``randint`` indices (mean loss), for a ``lax.scan`` over keys
+  with carry (params, optimizer state)."""
+  def step(carry, key, *, data, report_loss=False):
+    params, opt_state = carry
+    idx = jax.random.randint(key, (batch_size,), 0, num_examples)
+    batch = jax.tree.map(lambda x: x[idx], data)
+    loss, grads = jax.value_and_grad(
+        lambda p_: loss_head(model_fn(p_, batch), batch).mean())(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), (
+        loss if report_loss else None)
+  return step
 
 
 def carried(fn: Callable[[Any], Any], state: Any) -> Callable[[], Any]:
