@@ -1,8 +1,11 @@
+import jax
 import numpy as np
+import optax
 import pytest
 from scipy import optimize
 
 from rais_jax import pt_constraint, solve_pt
+from rais_jax.pt_solver import projection_weighted_simplex
 
 
 def _instance(seed, records=120, d_r=4, n=300):
@@ -82,3 +85,56 @@ def test_exact_fit_gives_tiny_width():
   assert bool(info.ok)
   assert float(info.objective) < 1e-3 * float(np.sum(norms) ** 2)
   np.testing.assert_allclose(feats @ np.asarray(c), norms, rtol=1e-2)
+
+
+def _weighted_simplex_reference(v, w, mask):
+  """argmin Σ w_k (x_k − v_k)² on the simplex, by bisection on λ in float64:
+  x(λ) = max(v − λ/w, 0) on the mask, and Σ x(λ) = 1."""
+  v, w = v[mask].astype(np.float64), w[mask].astype(np.float64)
+  lo, hi = np.min(v * w) - np.max(w), np.max(v * w)  # Σ x(lo) ≥ 1 ≥ Σ x(hi) = 0
+  for _ in range(200):
+    lam = 0.5 * (lo + hi)
+    lo, hi = (lam, hi) if np.maximum(v - lam / w, 0).sum() > 1 else (lo, lam)
+  out = np.zeros(mask.shape)
+  out[mask] = np.maximum(v - lo / w, 0)
+  return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_weighted_simplex_projection(seed):
+  rng = np.random.default_rng(seed)
+  for size in (1, 2, 13, 40):
+    v = rng.normal(0, 2, size).astype(np.float32)
+    w = rng.lognormal(0, 2, size).astype(np.float32)  # weights over ~4 decades
+    mask = rng.uniform(size=size) < 0.8
+    mask[rng.integers(size)] = True
+    x = np.asarray(projection_weighted_simplex(v, w, mask))
+    assert np.all(x >= 0) and np.all(x[~mask] == 0)
+    np.testing.assert_allclose(x.sum(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(x, _weighted_simplex_reference(v, w, mask), atol=1e-5)
+    # With unit weights it is the Euclidean projection.
+    np.testing.assert_allclose(projection_weighted_simplex(v, np.ones_like(w)),
+                               optax.projections.projection_simplex(v), atol=1e-6)
+
+
+def test_badly_scaled_features():
+  """Scaling feature k by α maps the solution to c_k/α, d_k/α with the same
+  optimum. With α = 10³ (like RAIS's last-norm feature next to one-hot
+  classes) the preconditioned solver still finds it."""
+  feats, norms, probs, s = _instance(5)
+  c, d, info = solve_pt(feats, norms, probs, s)
+  scale = np.array([1.0, 1.0, 1.0, 1e3])
+  c2, d2, info2 = solve_pt(feats * scale, norms, probs, s * scale)
+  assert bool(info2.ok) and bool(info2.converged)
+  np.testing.assert_allclose(info2.objective, info.objective, rtol=1e-3)
+  np.testing.assert_allclose(np.asarray(c2) * scale, c, rtol=1e-2, atol=1e-3 * np.max(c))
+  np.testing.assert_allclose(np.asarray(d2) * scale, d, rtol=1e-2, atol=1e-3 * np.max(d))
+
+
+def test_solves_in_float32_under_x64():
+  feats, norms, probs, s = _instance(1)
+  c32, _, info32 = solve_pt(feats, norms, probs, s)
+  with jax.enable_x64(True):
+    c, d, info = solve_pt(feats, norms, probs, s)
+  assert c.dtype == d.dtype == np.float32 and bool(info.ok)
+  np.testing.assert_allclose(info.objective, info32.objective, rtol=1e-5)
