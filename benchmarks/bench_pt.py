@@ -1,23 +1,31 @@
 """(PT) solve time and agreement with an independent reference (SciPy SLSQP).
 
-    python benchmarks/bench_pt.py
+    python benchmarks/bench_pt.py [--mnist1d-seeds 0 1]
 
 Instances mimic RAIS's buffer D with the default features (constant, one-hot of
 K = 10 classes, last norm, never-sampled flag; d_R = 13): log-normal true norms
 scaled per class, last norms that are noisy copies of them, 80% of examples
 seen, records drawn with p ∝ 0.5 v/Σv + 0.5/n. "warm" re-solves a fresh
 buffer (another seed) from the previous solution, as the sampler does.
+
+With ``--mnist1d-seeds`` it also solves, one by one, the snapshots that RAIS
+submits on the README's main job (MNIST-1D, MLP, the defaults of
+``rais-jax compare``), each warm-started from the previous solution as in
+training, and reports the distribution of solve times and iterations.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import numpy as np
 from scipy import optimize
 
 import rais_jax as rj
+from rais_jax import pt_service
+from rais_jax.experiments import compare
 
 from common import time_call, write  # pylint: disable=g-bad-import-order
 
@@ -69,11 +77,45 @@ def scipy_reference(feats, norms, probs, s):
   return res.fun * scale * sigma**2, res.success
 
 
+def main_job_snapshots(seed: int) -> list[list[np.ndarray]]:
+  """The solve arguments RAIS submits on the main job with this seed, in
+  order (recorded by wrapping :meth:`SolveService.submit`)."""
+  snapshots = []
+  submit = pt_service.SolveService.submit
+
+  def recording(self, pending, *, key=None):
+    snapshots.append([np.asarray(a) for a in pending.solve_args()])
+    return submit(self, pending, key=key)
+
+  config = compare.CompareConfig(methods=("rais",), seeds=(seed,))
+  with mock.patch.object(pt_service.SolveService, "submit", recording):
+    compare.run_compare(config, plots=False, quiet=True)
+  return snapshots
+
+
+def snapshot_row(seed: int, repeats: int) -> dict:
+  snapshots = main_job_snapshots(seed)
+  times, iters, gaps = [], [], []
+  for features, norms, probs, feature_sum, c, d in snapshots:
+    solve = lambda: rj.solve_pt(features, norms, probs, feature_sum, init=(c, d))
+    info = solve()[2]
+    times.append(time_call(solve, repeats=repeats))
+    iters.append(int(info.iterations))
+    gaps.append(float(info.objective) / scipy_reference(features, norms, probs, feature_sum)[0] - 1)
+  spread = lambda v, f: f"{f(np.median(v))} [{f(min(v))}, {f(max(v))}]"
+  return {"MNIST-1D seed": seed, "solves": len(snapshots),
+          "solve ms, median [min, max]": spread(1e3 * np.array(times), lambda x: f"{x:.2f}"),
+          "iterations, median [min, max]": spread(iters, lambda x: f"{x:.0f}"),
+          "total ms": round(1e3 * sum(times), 1),
+          "objective / SciPy − 1, max": max(gaps)}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--records", type=int, nargs="+", default=[4096, 65536])
   p.add_argument("--n", type=int, default=60_000)
   p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--mnist1d-seeds", type=int, nargs="*", default=[])
   args = p.parse_args(argv)
   rows = []
   for records in args.records:
@@ -97,6 +139,11 @@ def main(argv=None):
   md = write("pt_solver", rows, list(rows[0]),
              f"(PT) solve (FISTA, float32, jit) vs SciPy SLSQP (float64), median of {args.repeats}")
   print(md)
+  if args.mnist1d_seeds:
+    rows = [snapshot_row(seed, args.repeats) for seed in args.mnist1d_seeds]
+    print(write("pt_solver_mnist1d", rows, list(rows[0]),
+                "(PT) on the snapshots RAIS submits on the main job, warm-started "
+                f"as in training; each solve the median of {args.repeats}"))
 
 
 if __name__ == "__main__":

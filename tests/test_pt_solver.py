@@ -108,13 +108,14 @@ def test_weighted_simplex_projection(seed):
     w = rng.lognormal(0, 2, size).astype(np.float32)  # weights over ~4 decades
     mask = rng.uniform(size=size) < 0.8
     mask[rng.integers(size)] = True
-    x = np.asarray(projection_weighted_simplex(v, w, mask))
+    x = np.asarray(jax.jit(projection_weighted_simplex)(v, w, mask))
     assert np.all(x >= 0) and np.all(x[~mask] == 0)
     np.testing.assert_allclose(x.sum(), 1.0, rtol=1e-5)
     np.testing.assert_allclose(x, _weighted_simplex_reference(v, w, mask), atol=1e-5)
     # With unit weights it is the Euclidean projection.
-    np.testing.assert_allclose(projection_weighted_simplex(v, np.ones_like(w)),
-                               optax.projections.projection_simplex(v), atol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(projection_weighted_simplex)(v, np.ones_like(w)),
+        jax.jit(optax.projections.projection_simplex)(v), atol=1e-6)
 
 
 def test_badly_scaled_features():
