@@ -61,7 +61,7 @@ class PTInfo(NamedTuple):
   converged: chex.Array  # bool: step below tol, or progress below rtol
   objective: chex.Array  # ⟨d*, S⟩ = G_min
   constraint: chex.Array  # G(c*, d*), 1 at a tight solution
-  step_norm: chex.Array  # last L·‖x⁺ − y‖ of the normalised problem
+  step_norm: chex.Array  # last L·‖x⁺ − y‖_H of the normalised problem
   ok: chex.Array  # bool: all outputs finite
 
 
@@ -122,15 +122,14 @@ def _curvature(x: chex.Array, prob: _Problem) -> chex.Array:
   """The diagonal of Ĝ's Hessian at x, (2, d_R): 2·mean(den_scale/q·s̃_k²)
   for c̄_k and 2·mean(den_scale·r²/q³·t_k²) for z_k (r the residual, q the
   denominator). Zeros (features absent from D, masked z) become the row's
-  largest entry: they only scale steps along directions that do not move."""
+  largest entry (1 if none is positive): the gradient is zero along them."""
   resid, den = _residual_and_den(x, prob)
   den = jnp.maximum(den, prob.den_floor)
   w = prob.den_scale / den
   diag = 2.0 * _contract(prob.feats_sq_t, jnp.stack([w, w * (resid / den)**2]))
   diag = diag * prob.scale**2
-  positive = diag > 0
-  return jnp.where(positive, diag,
-                   jnp.max(diag, axis=1, keepdims=True) + (~positive.any(1, keepdims=True)))
+  fallback = jnp.max(diag, axis=1, keepdims=True)
+  return jnp.where(diag > 0, diag, jnp.where(fallback > 0, fallback, 1.0))
 
 
 def projection_weighted_simplex(v: chex.Array, weights: chex.Array,

@@ -10,7 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # samplers, built afresh per test): a persistent compilation cache, empty at
 # the start of each session, lets XLA compile each once (test_runner.py:
 # 117 s -> 71 s on 2 cores). Set in the environment so that the tests'
-# subprocesses (examples, notebooks, multi-process) share it.
+# subprocesses (examples, notebooks, multi-process) and pytest-xdist's
+# workers (started from the controller's environment) share it.
 _CACHE = tempfile.mkdtemp(prefix="rais-jax-tests-xla-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
