@@ -8,8 +8,8 @@ block program was traced with one part of the RAIS step replaced by nothing
 gradient), and the difference to the whole RAIS block is that part's cost.
 Parts: the fold-in after the block (features, the ring buffer D, the
 sum-trees), its ring-buffer push and its tree update alone, the block's tree
-draw, the per-example (ghost) norms, and ‖g_R‖² (the pass over the gradient
-that the gain ratio needs). The (PT) period work is the difference
+draw, the per-example (ghost) norms, ‖g_R‖² (the pass over the gradient
+that the gain ratio needs) and the gain ratio's per-step moments. The (PT) period work is the difference
 between :meth:`Runner.run` (with it) and the same number of bare blocks.
 Variants run R blocks per timed call from a fitted state, round-robin; the
 table gives medians per step and the difference to the RAIS block. The
@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import optax
 
 import rais_jax as rj
-from rais_jax import block_sampler, records, runner as runner_lib, sum_tree, train
+from rais_jax import (block_sampler, gain_ratio, records, runner as runner_lib,
+                      sum_tree, train)
 
 from common import (add_mlp_arguments, carried,  # pylint: disable=g-bad-import-order
                     interleaved_medians, synthetic_mlp_problem, write)
@@ -68,6 +69,8 @@ _LEFT_OUT = {
     "without the ghost norms": (runner_lib, "measured_gradient", _plain_gradient),
     "without ‖g‖²": (optax.tree, "norm",
                      lambda tree, squared=False: jnp.ones((), jnp.float32)),
+    "without the gain-ratio moments": (gain_ratio, "update",
+                                       lambda moments, *_, **__: moments),
 }
 
 
