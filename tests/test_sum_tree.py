@@ -38,6 +38,40 @@ def test_descend_never_enters_empty_subtrees():
   assert set(np.asarray(sum_tree.descend(tree, extremes)).tolist()) <= {1, 3}
 
 
+def _descend_reference(nodes, offsets, branching, depth, num_leaves, u):
+  """One draw, level by level in float32: the child is the number of prefix
+  sums (added left to right) ≤ u · (their total), at most the last
+  non-empty child."""
+  node = 0
+  for level in range(depth):
+    first = offsets[level + 1] + node * branching
+    children = nodes[first:first + branching]
+    prefix, total = [], np.float32(0)
+    for c in children:
+      total = np.float32(total + c)
+      prefix.append(total)
+    target = np.float32(u[level]) * total
+    choice = sum(p <= target for p in prefix)
+    last_nonempty = max(j for j in range(branching) if children[j] > 0)
+    node = node * branching + min(choice, last_nonempty)
+  return min(node, num_leaves - 1)
+
+
+def test_descend_matches_a_level_by_level_reference():
+  rng = np.random.default_rng(3)
+  values = rng.uniform(0, 1, 300) * (rng.uniform(size=300) < 0.6)
+  values[:9] = values[-9:] = 0  # empty first and last children on every level
+  tree = sum_tree.build(jnp.asarray(values, jnp.float32))
+  u = rng.uniform(size=(tree.depth, 500)).astype(np.float32)
+  u[:, :3] = [[0.0], [1 - 2**-24], [0.5]]  # the ends of [0, 1) included
+  nodes = np.asarray(tree.nodes)
+  offsets = [tree.offset(level) for level in range(tree.depth + 1)]
+  expected = [_descend_reference(nodes, offsets, tree.branching, tree.depth,
+                                 tree.num_leaves, u[:, j]) for j in range(u.shape[1])]
+  np.testing.assert_array_equal(jax.jit(sum_tree.descend)(tree, jnp.asarray(u)),
+                                expected)
+
+
 def test_single_leaf():
   tree = sum_tree.build(jnp.array([2.0]))
   np.testing.assert_array_equal(sum_tree.sample(tree, jax.random.key(0), (4,)), 0)
