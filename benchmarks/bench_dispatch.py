@@ -17,7 +17,6 @@ solve takes longer than a period of steps.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import glob
 import gzip
@@ -31,8 +30,8 @@ import optax
 
 import rais_jax as rj
 
-from common import (RESULTS, add_mlp_arguments,  # pylint: disable=g-bad-import-order
-                    carried, interleaved_medians, plain_sgd_step,
+from common import (RESULTS, carried,  # pylint: disable=g-bad-import-order
+                    interleaved_medians, parse_mlp_arguments, plain_sgd_step,
                     synthetic_mlp_problem, write)
 
 
@@ -55,9 +54,7 @@ def device_trace(fn, calls: int) -> tuple[float, float]:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser()
-  add_mlp_arguments(p, repeats=9)
-  args = p.parse_args(argv)
+  args = parse_mlp_arguments(argv, repeats=9)
   n, m, k = args.n, args.batch_size, args.block_size
   data, labels, model_fn, params, size = synthetic_mlp_problem(args)
   head = rj.softmax_cross_entropy_head()

@@ -13,7 +13,6 @@ path is :func:`rais_jax.make_runner` (blocks of K steps); the per-step API
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import jax
@@ -22,16 +21,13 @@ import optax
 
 import rais_jax as rj
 
-from common import (add_mlp_arguments, carried,  # pylint: disable=g-bad-import-order
-                    interleaved_medians, plain_sgd_step, synthetic_mlp_problem, write)
+from common import (carried, interleaved_medians,  # pylint: disable=g-bad-import-order
+                    parse_mlp_arguments, plain_sgd_step, synthetic_mlp_problem, write)
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser()
-  add_mlp_arguments(p, repeats=7)
-  p.add_argument("--no-per-step", action="store_true",
-                 help="skip the make_train_step variants")
-  args = p.parse_args(argv)
+  args = parse_mlp_arguments(argv, repeats=7, more=lambda p: p.add_argument(
+      "--no-per-step", action="store_true", help="skip the make_train_step variants"))
   n, m, k = args.n, args.batch_size, args.block_size
   data, labels, model_fn, params, size = synthetic_mlp_problem(args)
   head = rj.softmax_cross_entropy_head()
@@ -43,7 +39,8 @@ def main(argv=None):
 
   sgd = optax.sgd(0.01, momentum=0.9)
 
-  plain_step = functools.partial(plain_sgd_step(model_fn, head, sgd, m, n), data=data)
+  step_on = plain_sgd_step(model_fn, head, sgd, m, n)  # data as a keyword
+  plain_step = functools.partial(step_on, data=data)
 
   # The baseline gets each call's step keys as an argument, as a training loop
   # does (its keys change; the runners derive theirs from the key they are
@@ -60,8 +57,7 @@ def main(argv=None):
   plain_loss = scan(functools.partial(plain_step, report_loss=True))
   # The runners also take the data as an argument.
   plain_arg = jax.jit(lambda c, ks, d: jax.lax.scan(
-      functools.partial(plain_sgd_step(model_fn, head, sgd, m, n), data=d), c, ks)[0],
-                      donate_argnums=0)
+      functools.partial(step_on, data=d), c, ks)[0], donate_argnums=0)
   plain_const = jax.jit(lambda c: jax.lax.scan(plain_step, c, call_keys)[0],
                         donate_argnums=0)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)

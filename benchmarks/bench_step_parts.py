@@ -20,7 +20,6 @@ for timing only.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from typing import Iterator
 
@@ -32,8 +31,8 @@ import rais_jax as rj
 from rais_jax import (block_sampler, gain_ratio, records, runner as runner_lib,
                       sum_tree, train)
 
-from common import (add_mlp_arguments, carried,  # pylint: disable=g-bad-import-order
-                    interleaved_medians, synthetic_mlp_problem, write)
+from common import (carried, interleaved_medians,  # pylint: disable=g-bad-import-order
+                    parse_mlp_arguments, synthetic_mlp_problem, write)
 
 
 @contextlib.contextmanager
@@ -75,9 +74,7 @@ _LEFT_OUT = {
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser()
-  add_mlp_arguments(p, repeats=15)
-  args = p.parse_args(argv)
+  args = parse_mlp_arguments(argv, repeats=15)
   n, m, k = args.n, args.batch_size, args.block_size
   data, labels, model_fn, params, size = synthetic_mlp_problem(args)
   head = rj.softmax_cross_entropy_head()

@@ -18,8 +18,12 @@ import optax
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def add_mlp_arguments(parser: argparse.ArgumentParser, *, repeats: int) -> None:
-  """The step benchmarks' flags: the synthetic MLP problem, K, repeats, name."""
+def parse_mlp_arguments(argv, *, repeats: int,
+                        more: Callable[[argparse.ArgumentParser], Any] = lambda p: None
+                        ) -> argparse.Namespace:
+  """The step benchmarks' flags (the synthetic MLP problem, K, repeats, name;
+  ``more`` adds a benchmark's own), parsed from ``argv``."""
+  parser = argparse.ArgumentParser()
   parser.add_argument("--n", type=int, default=60_000)
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--in-features", type=int, default=784)
@@ -27,6 +31,8 @@ def add_mlp_arguments(parser: argparse.ArgumentParser, *, repeats: int) -> None:
   parser.add_argument("--block-size", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=repeats)
   parser.add_argument("--name", default=None, help="results file name")
+  more(parser)
+  return parser.parse_args(argv)
 
 
 class MLPProblem(NamedTuple):
