@@ -20,9 +20,9 @@ def classification(n: int, classes: int):
 
 
 def sampler(method: str, labels, classes: int, batch_size: int, *,
-            buffer_size: int, mode: str = "async") -> rj.Sampler:
-  """The sampler of U-SGD ("usgd"), O-SGD ("osgd"), RAIS ("rais") or the
-  importance-sampling baselines ("naive", "loss-is")."""
+            buffer_size: int, mode: str = "async", pt_delay=None) -> rj.Sampler:
+  """The sampler of U-SGD ("usgd"), O-SGD ("osgd"), RAIS ("rais", with
+  ``pt_delay``) or the importance-sampling baselines ("naive", "loss-is")."""
   n = len(labels)
   if method == "usgd":
     return rj.uniform_sampler(n, batch_size=batch_size)
@@ -33,7 +33,7 @@ def sampler(method: str, labels, classes: int, batch_size: int, *,
   if method == "osgd":
     return rj.oracle_sampler(n, batch_size=batch_size)
   return rj.rais_sampler(rj.default_features(labels, classes), batch_size=batch_size,
-                         buffer_size=buffer_size, pt_mode=mode)
+                         buffer_size=buffer_size, pt_mode=mode, pt_delay=pt_delay)
 
 
 def broken_solver(failure: str):

@@ -26,15 +26,17 @@ def problem():
   return problems.classification(N, CLASSES)
 
 
-def _sampler(method, labels, mode="async"):
-  return problems.sampler(method, labels, CLASSES, M, buffer_size=128, mode=mode)
+def _sampler(method, labels, mode="async", pt_delay=None):
+  return problems.sampler(method, labels, CLASSES, M, buffer_size=128, mode=mode,
+                          pt_delay=pt_delay)
 
 
-def _runner(problem, method="rais", *, mode="async", norms="proxy", block_size=K):
+def _runner(problem, method="rais", *, mode="async", norms="proxy", block_size=K,
+            pt_delay=None):
   _, model_fn, _, labels = problem
   return rj.make_runner(
       model_fn, rj.softmax_cross_entropy_head(), rj.rais_sgd(0.05, momentum=0.9),
-      _sampler(method, labels, mode), norms=None if method == "usgd" else norms,
+      _sampler(method, labels, mode, pt_delay), norms=None if method == "usgd" else norms,
       block_size=block_size, oracle_period=8)
 
 
@@ -323,11 +325,7 @@ def test_schedule_issues_one_program_per_period(problem):
   rais = _runner(problem)  # K = 4, (PT) period 8, delay 8: boundaries at 0 mod 8
   assert rais._schedule(0, 32) == [(2, K)] * 4
   assert rais._schedule(4, 20) == [(1, K), (2, K), (2, K)]
-  delayed = rj.make_runner(  # delay 4: boundaries at 0 and 4 mod 8
-      problem[1], rj.softmax_cross_entropy_head(), rj.rais_sgd(0.05),
-      rj.rais_sampler(rj.default_features(problem[3], CLASSES), batch_size=M,
-                      buffer_size=128, pt_delay=4),
-      block_size=K)
+  delayed = _runner(problem, pt_delay=4)  # boundaries at 0 and 4 mod 8
   assert delayed._schedule(0, 16) == [(1, K)] * 4
   usgd = _runner(problem, "usgd")  # nothing to do between blocks
   assert usgd._schedule(0, N // M) == [(3, K), (1, 2), (1, 1)]  # an epoch: 15 steps
@@ -355,16 +353,12 @@ def test_warm_up_compiles_what_epochs_run(problem, method):
 def test_a_solve_due_off_the_boundaries_is_applied(problem):
   """A state whose solve is due where this runner has no boundary (taken
   with another pt_delay, e.g. a checkpoint) still gets it applied."""
-  data, _, params, labels = problem
-  make = lambda **kw: rj.make_runner(
-      problem[1], rj.softmax_cross_entropy_head(), rj.rais_sgd(0.05, momentum=0.9),
-      rj.rais_sampler(rj.default_features(labels, CLASSES), batch_size=M,
-                      buffer_size=128, **kw), norms="proxy", block_size=K)
-  with make(pt_delay=4) as first:  # period 8: the snapshot at 8 is due at 12
+  data, _, params, _ = problem
+  with _runner(problem, pt_delay=4) as first:  # period 8: the snapshot at 8 is due at 12
     state, _ = first.run(first.init(params), jax.random.key(0), data, 8)
   assert int(state.sampler.pending.due) == 12
   solves = int(state.sampler.diagnostics.pt_solves)
-  with make() as second:  # delay 8: boundaries at 0 mod 8 only
+  with _runner(problem) as second:  # delay 8: boundaries at 0 mod 8 only
     state, _ = second.run(state, jax.random.key(0), data, 16)
   # Applied at 12 (the first runner's) and at 24 (the snapshot taken at 16).
   assert int(state.sampler.diagnostics.pt_solves) == solves + 2
