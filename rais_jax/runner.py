@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from typing import Any, Callable, Optional
 
 import chex
@@ -148,6 +149,10 @@ class Runner:
     self._jitted["blocks"] = jax.jit(self.blocks, donate_argnums=0,
                                      static_argnames=("num_blocks", "num_steps"))
     self._jitted["fed_steps"] = jax.jit(self.fed_steps, donate_argnums=0)
+    self._jitted["_header"] = jax.jit(self._header)
+    # What the last run returned: weak references to the arrays its
+    # host-side values were taken from, and (step, skipped, in flight).
+    self._returned: Optional[tuple[tuple, tuple]] = None
     self._jitted["draw"] = jax.jit(self.draw, static_argnames="num_steps")
     # One program joins the metrics of a run's programs (eager concatenations
     # cost a dispatch per field, ~0.1–0.5 ms each on a GPU's host).
@@ -504,16 +509,49 @@ class Runner:
     return state, (pending, pt_service.fingerprint(pending))
 
   def _hand_over(self, snapshot: bs.PendingSolve, fingerprint: chex.Array,
-                 due: int) -> Optional[tuple]:
-    """Gives the service the snapshot :meth:`_submit_snapshot` took if it is
-    a new one, due at step ``due`` (D was full); returns its key, else None."""
+                 due: int, *more: chex.Array) -> tuple[Optional[tuple], list]:
+    """Reads the snapshot :meth:`_submit_snapshot` took (with ``more``, in the
+    same host read) and gives it to the service if it is a new one, due at
+    step ``due`` (D was full). Returns (its key or None, ``more`` on the host)."""
     service = self.service
     assert service is not None  # only runners with (PT) take snapshots
-    key = service.key_of(fingerprint)
+    key, args, host = service.read(fingerprint, snapshot, *more)
     if key[2] != due:
-      return None
-    service.submit(snapshot, key=key)
-    return key
+      return None, host
+    service.submit_host(key, args)
+    return key, host
+
+  def _host_view(self, state: RunnerState) -> tuple[int, int, Optional[tuple]]:
+    """(step, skipped steps, key of the (PT) solve in flight or None) of
+    ``state``: what the last :meth:`run` returned it with if ``state`` holds
+    the same arrays (so a run continuing from it reads nothing at its start),
+    else read in one program and one host read. A restored state's solve
+    that the service does not hold is submitted."""
+    watched = self._watched(state)
+    last = self._returned
+    if last is not None and all(r() is a for r, a in zip(last[0], watched)):
+      step, skipped, in_flight = last[1]
+    else:
+      step, skipped, *fp = (int(v) for v in jax.device_get(
+          pt_service._local(self._jitted["_header"](state))))  # pylint: disable=protected-access
+      in_flight = tuple(fp) if fp and fp[2] > step else None
+    if in_flight is not None and in_flight not in self.service:
+      # Restored from a checkpoint, or dropped by close().
+      self.service.submit(state.sampler.pending)
+    return step, skipped, in_flight
+
+  def _watched(self, state: RunnerState) -> tuple:
+    """The arrays :meth:`_host_view`'s values are read from."""
+    pending = (state.sampler.pending.norms, state.sampler.pending.probs,
+               state.sampler.pending.due) if self.service is not None else ()
+    return (state.step, state.skipped_steps, *pending)
+
+  def _header(self, state: RunnerState) -> chex.Array:
+    """[step, skipped steps, fingerprint of the pending snapshot (PT only)]."""
+    head = jnp.stack([state.step, state.skipped_steps]).astype(jnp.int32)
+    if self.service is None:
+      return head
+    return jnp.concatenate([head, pt_service.fingerprint(state.sampler.pending)])
 
   def _refresh_due(self, step) -> Any:
     return step % self.oracle_period == 0
@@ -611,28 +649,23 @@ class Runner:
     RAIS with (PT) and O-SGD run whole blocks only (``num_steps`` a multiple
     of K); the other methods end with shorter blocks where needed.
     ``state`` is donated (its buffers are reused in place): continue from
-    the returned state. The host reads the device at the start and the end
-    of a call and once per (PT) period (the snapshot, after the next
-    program is dispatched, so the device does not wait for it); otherwise it
-    only dispatches.
+    the returned state. The host reads the device once at the end of a call
+    (the skipped steps, with the last (PT) snapshot), once per further (PT)
+    period (the snapshot, after the next program is dispatched, so the
+    device does not wait for it), and at the start only if ``state`` is not
+    the one the last call returned (its step); otherwise it only
+    dispatches.
     """
     k = self.block_size
     loader = data if callable(data) else None
     if loader is not None and self.config.kind in _NEED_ALL_DATA:
       raise ValueError(_NEED_ALL_DATA[self.config.kind])
-    step, skipped = map(int, jax.device_get((state.step, state.skipped_steps)))
+    step, skipped, due_key = self._host_view(state)
     if self.whole_blocks and num_steps % k:
       raise ValueError(f"num_steps ({num_steps}) must be a multiple of the "
                        f"block size K = {k}.")
     if self.whole_blocks and step % k:
       raise ValueError(f"state.step ({step}) is not at a block boundary of K = {k}.")
-    due_key = None
-    if self.service is not None:
-      due_key = self.service.key(state.sampler.pending)
-      if due_key[2] <= step:  # nothing in flight
-        due_key = None
-      elif due_key not in self.service:  # e.g. restored from a checkpoint
-        self.service.submit(state.sampler.pending)
     jitted = self._jitted
     metrics = []
     # A snapshot taken at a period boundary is handed to the service only
@@ -660,7 +693,7 @@ class Runner:
       if self.service is None:
         continue
       if taken is not None:
-        due_key = self._hand_over(*taken) or due_key
+        due_key = self._hand_over(*taken)[0] or due_key
         taken = None
       if due_key is not None and due_key[2] == step:
         solved = self.service.take(due_key, (state.sampler.c, state.sampler.d))
@@ -669,9 +702,17 @@ class Runner:
       if step % self.pt_period == 0:
         state, snapshot = jitted["_submit_snapshot"](state)
         taken = (*snapshot, step + self.pt_delay)
+    # The run's one host read (besides loaders and mid-run snapshots): the
+    # skipped steps, with the last snapshot if one was taken.
     if taken is not None:
-      self._hand_over(*taken)
-    newly_skipped = int(state.skipped_steps) - skipped
+      new_key, (skipped_now,) = self._hand_over(*taken, state.skipped_steps)
+      due_key = new_key or due_key
+    else:
+      skipped_now = jax.device_get(pt_service._local(state.skipped_steps))  # pylint: disable=protected-access
+    skipped_now = int(skipped_now)
+    self._returned = (tuple(map(weakref.ref, self._watched(state))),
+                      (step, skipped_now, due_key))
+    newly_skipped = skipped_now - skipped
     if newly_skipped:
       which = (f"every one of the {num_steps} steps was" if newly_skipped == num_steps
                else f"{newly_skipped} of the {num_steps} steps were")
@@ -721,14 +762,15 @@ class Runner:
       state = self._jitted["refresh"](state, data)
     if self.service is not None:
       state, (pending, _) = self._jitted["_submit_snapshot"](state)
-      self.service.submit(pending)
-      solved = self.service.take(self.service.key(pending),
+      solved = self.service.take(self.service.submit(pending),
                                  (state.sampler.c, state.sampler.d))
+      self._jitted["_header"](state)
       state = self._jitted["deliver"](state, solved)
     jax.block_until_ready(state)
 
   def close(self) -> None:
     """Drops (PT) results not yet applied (they are re-solved if needed)."""
+    self._returned = None
     if self.service is not None:
       self.service.close()
 

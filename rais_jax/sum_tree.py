@@ -58,6 +58,21 @@ def _depth(n: int, branching: int) -> int:
   return depth
 
 
+def _child_sums(children: chex.Array, branching: int) -> chex.Array:
+  """(..., w·B) → (..., w): the sums of consecutive groups of B children.
+
+  A matrix-vector product with ones rather than ``reshape(...).sum(-1)``:
+  XLA:CPU's reduction over a minor axis of 8 was 15x slower (113 vs 7.5 µs for
+  3 x 4096 nodes), and it made re-summing the trees most of a block's
+  fold-in. Full float32 (GPUs would otherwise round through TF32). Every
+  internal node is summed by this one function, so trees built and updated
+  in any way agree bit for bit.
+  """
+  groups = children.reshape(children.shape[:-1] + (-1, branching))
+  return jnp.matmul(groups, jnp.ones((branching,), children.dtype),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
 def build(values: chex.Array, *, branching: int = 8) -> SumTree:
   """Builds a tree over ``values`` of shape (n,) (or a stack, (T, n)) in O(n).
 
@@ -74,7 +89,7 @@ def build(values: chex.Array, *, branching: int = 8) -> SumTree:
   level = level.at[..., :n].set(values)
   levels = [level]
   while level.shape[-1] > 1:
-    level = level.reshape(lead + (-1, branching)).sum(axis=-1)
+    level = _child_sums(level, branching)
     levels.append(level)
   nodes = jnp.concatenate(levels[::-1], axis=-1)
   return SumTree(nodes=nodes, num_leaves=n, branching=branching)
@@ -104,7 +119,8 @@ def update(tree: SumTree, indices: chex.Array, values: chex.Array) -> SumTree:
   for level in range(tree.depth - 1, -1, -1):
     node = node // b
     children = nodes[..., tree.offset(level + 1) + node[:, None] * b + jnp.arange(b)]
-    nodes = nodes.at[..., tree.offset(level) + node].set(children.sum(-1))
+    nodes = nodes.at[..., tree.offset(level) + node].set(
+        _child_sums(children.reshape(children.shape[:-2] + (-1,)), b))
   return tree.replace(nodes=nodes)
 
 
@@ -167,7 +183,7 @@ def update_dense(tree: SumTree, indices: chex.Array, values: chex.Array) -> SumT
   for level in range(tree.depth - 1, -1, -1):
     width, below = b**level, tree.offset(level + 1)
     children = jax.lax.slice_in_dim(nodes, below, below + width * b, axis=-1)
-    sums = children.reshape(children.shape[:-1] + (width, b)).sum(axis=-1)
+    sums = _child_sums(children, b)
     nodes = jax.lax.dynamic_update_slice_in_dim(nodes, sums, tree.offset(level),
                                                 axis=-1)
   return tree.replace(nodes=nodes)
