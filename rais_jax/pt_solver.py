@@ -45,8 +45,10 @@ import jax.numpy as jnp
 
 # Denominators ⟨z, t_j⟩ are kept ≥ this fraction of their typical size.
 _DENOMINATOR_FLOOR = 1e-6
-# Iterations between checks of relative progress.
-_CHECK_EVERY = 10
+# Iterations between checks of relative progress (and re-estimates of H).
+# 5, not 10: on the 44 snapshots of the main job (2 seeds) 11 % less solve
+# time, objective within 2.2e-4 of SciPy's (10: 4.2e-5).
+_CHECK_EVERY = 5
 
 
 # Full float32 matmuls: GPUs default to TF32 (10-bit mantissa), which put the

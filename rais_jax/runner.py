@@ -145,7 +145,7 @@ class Runner:
     # The state is donated: the O(n) sampler arrays are updated in place.
     self._jitted = {name: jax.jit(getattr(self, name), donate_argnums=0)
                     for name in ("refresh", "deliver", "submit", "plan",
-                                 "_submit_snapshot")}
+                                 "_submit_snapshot", "_deliver_and_snapshot")}
     self._jitted["blocks"] = jax.jit(self.blocks, donate_argnums=0,
                                      static_argnames=("num_blocks", "num_steps"))
     self._jitted["fed_steps"] = jax.jit(self.fed_steps, donate_argnums=0)
@@ -508,6 +508,12 @@ class Runner:
     pending = state.sampler.pending
     return state, (pending, pt_service.fingerprint(pending))
 
+  def _deliver_and_snapshot(self, state: RunnerState, solved: tuple
+                            ) -> tuple[RunnerState, tuple[bs.PendingSolve, chex.Array]]:
+    """:meth:`deliver` then :meth:`_submit_snapshot`, one program: with the
+    default delay every period boundary does both."""
+    return self._submit_snapshot(self.deliver(state, solved))
+
   def _hand_over(self, snapshot: bs.PendingSolve, fingerprint: chex.Array,
                  due: int, *more: chex.Array) -> tuple[Optional[tuple], list]:
     """Reads the snapshot :meth:`_submit_snapshot` took (with ``more``, in the
@@ -695,13 +701,16 @@ class Runner:
       if taken is not None:
         due_key = self._hand_over(*taken)[0] or due_key
         taken = None
+      solved = None
       if due_key is not None and due_key[2] == step:
         solved = self.service.take(due_key, (state.sampler.c, state.sampler.d))
-        state = jitted["deliver"](state, solved)
         due_key = None
       if step % self.pt_period == 0:
-        state, snapshot = jitted["_submit_snapshot"](state)
+        state, snapshot = (jitted["_submit_snapshot"](state) if solved is None else
+                           jitted["_deliver_and_snapshot"](state, solved))
         taken = (*snapshot, step + self.pt_delay)
+      elif solved is not None:
+        state = jitted["deliver"](state, solved)
     # The run's one host read (besides loaders and mid-run snapshots): the
     # skipped steps, with the last snapshot if one was taken.
     if taken is not None:
@@ -764,8 +773,11 @@ class Runner:
       state, (pending, _) = self._jitted["_submit_snapshot"](state)
       solved = self.service.take(self.service.submit(pending),
                                  (state.sampler.c, state.sampler.d))
-      self._jitted["_header"](state)
-      state = self._jitted["deliver"](state, solved)
+      if self.pt_delay % self.pt_period:  # deliveries off the snapshots
+        state = self._jitted["deliver"](state, solved)
+      state, _ = self._jitted["_deliver_and_snapshot"](state, solved)
+    for start in (self.init(params), state):  # runs from states it did not return
+      self._jitted["_header"](start)
     jax.block_until_ready(state)
 
   def close(self) -> None:

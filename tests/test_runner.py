@@ -342,7 +342,8 @@ def test_warm_up_compiles_what_epochs_run(problem, method):
   data, _, params, _ = problem
   runner = _runner(problem, method, block_size=3)
   runner.warm_up(params, data)
-  programs = ("blocks", "concat", "deliver", "_submit_snapshot")
+  programs = ("blocks", "concat", "deliver", "_submit_snapshot",
+              "_deliver_and_snapshot", "_header")
   sizes = [runner._jitted[p]._cache_size() for p in programs]
   state = runner.init(params)
   with runner:
