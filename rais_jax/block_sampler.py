@@ -191,7 +191,11 @@ def _leaf_values(config: SamplerConfig, c: chex.Array, d: chex.Array,
   values = config.feature_map.compute(features, idx)
   if config.kind in POINT_KINDS:
     return point_leaves(values[..., 0])
-  return robust.centres_and_widths(c, d, values)
+  # One matmul for both (the features materialised, O(n·d_R)): XLA:CPU's
+  # fused product-and-sum recomputed the features per output and took
+  # 130 µs each for n = 8000 (a (PT) delivery's rebuild: 0.60 → 0.47 ms).
+  ab = jnp.matmul(values, jnp.stack([c, d], axis=1), precision=jax.lax.Precision.HIGHEST)
+  return ab[..., 0], ab[..., 1]
 
 
 def point_leaves(values: chex.Array) -> tuple[chex.Array, chex.Array]:
@@ -347,7 +351,10 @@ def refresh(config: SamplerConfig, state, norms: chex.Array):
 def submit(config: SamplerConfig, state, due: chex.Array):
   """Snapshots D, S and the warm start into ``pending``, to apply at ``due``."""
   rec = state.records
-  feature_sum = config.feature_map.compute(state.features, None).sum(0)
+  features = config.feature_map.compute(state.features, None)
+  # A matrix-vector product: XLA:CPU's column sum was slower.
+  feature_sum = jnp.matmul(jnp.ones(features.shape[:1], features.dtype), features,
+                           precision=jax.lax.Precision.HIGHEST)
   return state.replace(pending=PendingSolve(
       features=rec.features, norms=rec.norms, probs=rec.probs,
       feature_sum=feature_sum, init_c=state.c, init_d=state.d,
