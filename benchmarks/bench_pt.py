@@ -79,16 +79,17 @@ def scipy_reference(feats, norms, probs, s):
 
 def main_job_snapshots(seed: int) -> list[list[np.ndarray]]:
   """The solve arguments RAIS submits on the main job with this seed, in
-  order (recorded by wrapping :meth:`SolveService.submit`)."""
+  order (recorded by wrapping :meth:`SolveService.submit_host`)."""
   snapshots = []
-  submit = pt_service.SolveService.submit
+  submit = pt_service.SolveService.submit_host
 
-  def recording(self, pending, *, key=None):
-    snapshots.append([np.asarray(a) for a in pending.solve_args()])
-    return submit(self, pending, key=key)
+  def recording(self, key, args):
+    if key not in self:
+      snapshots.append([np.array(a) for a in args])
+    return submit(self, key, args)
 
   config = compare.CompareConfig(methods=("rais",), seeds=(seed,))
-  with mock.patch.object(pt_service.SolveService, "submit", recording):
+  with mock.patch.object(pt_service.SolveService, "submit_host", recording):
     compare.run_compare(config, plots=False, quiet=True)
   return snapshots
 

@@ -94,7 +94,7 @@ def fingerprint(pending: PendingSolve) -> jax.Array:
                     pending.due.astype(jnp.int32)])
 
 
-def _local(x: jax.Array) -> jax.Array:
+def local(x: jax.Array) -> jax.Array:
   """This process's copy of a replicated array (multi-host arrays are global)."""
   return x if x.is_fully_addressable else x.addressable_data(0)
 
@@ -111,19 +111,10 @@ class SolveService:
     self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
   @staticmethod
-  def key(pending: PendingSolve) -> tuple:
-    """:func:`fingerprint` read to the host: waits for ``pending`` to exist."""
-    return SolveService.key_of(fingerprint(pending))
-
-  @staticmethod
-  def key_of(fingerprint_: jax.Array) -> tuple:
-    """The key of a :func:`fingerprint` computed on device (a host read)."""
-    return tuple(int(v) for v in jax.device_get(_local(fingerprint_)))
-
-  @staticmethod
   def read(fingerprint_: jax.Array, pending: PendingSolve, *more: jax.Array
            ) -> tuple[tuple, list[np.ndarray], list[np.ndarray]]:
-    """(key, solve arguments, ``more``) copied to the host in one read.
+    """(key, solve arguments, ``more``) copied to the host in one read; the
+    key is the :func:`fingerprint` ``fingerprint_`` of ``pending``.
 
     A copy through host memory, never an alias: the next programs donate
     the state's buffers (over a 4-device mesh, device_put(...,
@@ -133,12 +124,12 @@ class SolveService:
     training loop (its own wait and a slower next dispatch).
     """
     arrays = [fingerprint_, *pending.solve_args(), *more]
-    fp, *host = jax.device_get([_local(a) for a in arrays])
+    fp, *host = jax.device_get([local(a) for a in arrays])
     return tuple(int(v) for v in fp), host[:6], host[6:]
 
   def submit(self, pending: PendingSolve) -> tuple:
     """Starts solving ``pending`` (no-op if already in flight); returns its
-    :meth:`key`. One host read of the snapshot."""
+    key. One host read of the snapshot."""
     key, args, _ = self.read(fingerprint(pending), pending)
     self.submit_host(key, args)
     return key

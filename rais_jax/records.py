@@ -41,15 +41,33 @@ def init(capacity: int, num_features: int) -> Records:
 
 def push(records: Records, features: chex.Array, norms: chex.Array,
          probs: chex.Array, valid: chex.Array) -> Records:
-  """Appends the rows where ``valid``, in order, overwriting the oldest."""
-  cap = records.capacity
-  rank = jnp.cumsum(valid) - 1
+  """Appends the rows where ``valid``, in order, overwriting the oldest.
+
+  Written as a select over the |D| slots of rows gathered from the batch,
+  not as a scatter of the batch's rows into their slots: inside a block's
+  program on XLA:CPU the scatter form cost ~0.6 ms per block of 1600 rows
+  at |D| = 8000 (6 % of the small MLP's step), the select ~0.
+  """
+  cap, n = records.capacity, valid.shape[0]
+  rank = jnp.cumsum(valid, dtype=jnp.int32) - 1
   count = valid.sum(dtype=jnp.int32)
-  # More valid rows than slots: only the last ``cap`` of them survive (two
-  # rows written to one slot in one scatter would leave either).
-  keep = valid & (rank >= count - cap)
-  slot = jnp.where(keep, (records.position + rank) % cap, cap)  # cap: dropped
-  put = lambda buf, x: buf.at[slot].set(x.astype(buf.dtype), mode="drop")
+  # More valid rows than slots: only the last ``cap`` of them survive.
+  first = jnp.maximum(count - cap, 0)
+  width = min(n, cap)
+  # source[k]: the batch row that is the k-th one kept (the order kept).
+  source = jnp.zeros((width,), jnp.int32).at[
+      jnp.where(valid & (rank >= first), rank - first, width)].set(
+          jnp.arange(n, dtype=jnp.int32), mode="drop")
+  # Kept row k goes where row-by-row pushes put it, slot (position + first
+  # + k) mod cap: slot j receives kept row (j − position − first) mod cap.
+  offset = (jnp.arange(cap, dtype=jnp.int32) - records.position - first) % cap
+  written = offset < count - first
+  row = source[jnp.minimum(offset, width - 1)]
+
+  def put(buf: chex.Array, x: chex.Array) -> chex.Array:
+    mask = written.reshape((cap,) + (1,) * (buf.ndim - 1))
+    return jnp.where(mask, x.astype(buf.dtype)[row], buf)
+
   return Records(features=put(records.features, features),
                  norms=put(records.norms, norms),
                  probs=put(records.probs, probs),

@@ -150,14 +150,14 @@ class Runner:
                                      static_argnames=("num_blocks", "num_steps"))
     self._jitted["fed_steps"] = jax.jit(self.fed_steps, donate_argnums=0)
     self._jitted["_header"] = jax.jit(self._header)
-    # What the last run returned: weak references to the arrays its
-    # host-side values were taken from, and (step, skipped, in flight).
-    self._returned: Optional[tuple[tuple, tuple]] = None
     self._jitted["draw"] = jax.jit(self.draw, static_argnames="num_steps")
     # One program joins the metrics of a run's programs (eager concatenations
     # cost a dispatch per field, ~0.1–0.5 ms each on a GPU's host).
     self._jitted["concat"] = jax.jit(
         lambda parts: jax.tree.map(lambda *x: jnp.concatenate(x), *parts))
+    # What the last run returned: weak references to the arrays its
+    # host-side values were read from, and (step, skipped, solve in flight).
+    self._returned: Optional[tuple[tuple, tuple]] = None
 
   # -- pure functions ------------------------------------------------------
 
@@ -539,11 +539,11 @@ class Runner:
       step, skipped, in_flight = last[1]
     else:
       step, skipped, *fp = (int(v) for v in jax.device_get(
-          pt_service._local(self._jitted["_header"](state))))  # pylint: disable=protected-access
+          pt_service.local(self._jitted["_header"](state))))
       in_flight = tuple(fp) if fp and fp[2] > step else None
-    if in_flight is not None and in_flight not in self.service:
-      # Restored from a checkpoint, or dropped by close().
-      self.service.submit(state.sampler.pending)
+    service = self.service
+    if in_flight is not None and service is not None and in_flight not in service:
+      service.submit(state.sampler.pending)  # restored, or dropped by close()
     return step, skipped, in_flight
 
   def _watched(self, state: RunnerState) -> tuple:
@@ -717,7 +717,7 @@ class Runner:
       new_key, (skipped_now,) = self._hand_over(*taken, state.skipped_steps)
       due_key = new_key or due_key
     else:
-      skipped_now = jax.device_get(pt_service._local(state.skipped_steps))  # pylint: disable=protected-access
+      skipped_now = jax.device_get(pt_service.local(state.skipped_steps))
     skipped_now = int(skipped_now)
     self._returned = (tuple(map(weakref.ref, self._watched(state))),
                       (step, skipped_now, due_key))

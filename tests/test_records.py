@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,3 +38,19 @@ def test_push_more_rows_than_slots_keeps_the_last_ones():
                    row_by_row.position, row_by_row.size)):
     np.testing.assert_array_equal(a, b)
   assert sorted(np.asarray(buf.norms)) == [7, 8, 9, 11]
+
+
+def test_push_matches_row_by_row_pushes_on_random_batches():
+  """Batches of random sizes (some longer than |D|) and validity, from any
+  position: the same buffer as pushing their rows one at a time."""
+  rng = np.random.default_rng(0)
+  buf = row_by_row = records.init(7, 2)
+  for _ in range(30):
+    size = int(rng.integers(1, 12))
+    rows = rng.normal(size=size).astype(np.float32)
+    valid = rng.uniform(size=size) < 0.7
+    buf = _push(buf, rows, valid)
+    for r, v in zip(rows, valid):
+      row_by_row = _push(row_by_row, [r], [v])
+    for a, b in zip(jax.tree.leaves(buf), jax.tree.leaves(row_by_row)):
+      np.testing.assert_array_equal(a, b)
