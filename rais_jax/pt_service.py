@@ -1,10 +1,13 @@
 """(PT) solves outside the training program, on one device and a worker thread.
 
 The fast path (:mod:`rais_jax.runner`) hands each (PT) snapshot to a
-:class:`SolveService` between two blocks of steps. ``submit`` copies the
-snapshot to the solve device and runs the jitted solver there on one worker
-thread (the CPU client runs a computation on the thread that calls it, so
-the host thread stays free to dispatch training blocks meanwhile). ``take``
+:class:`SolveService` between two blocks of steps: it reads the snapshot to
+the host (:meth:`SolveService.read`, in the same read as anything else the
+host needs then), and ``submit_host`` copies it to the solve device and runs
+the jitted solver there on one worker thread (``submit`` does both for a
+snapshot still on device). The CPU client runs a computation on the thread
+that calls it, so the host thread stays free to dispatch training blocks
+meanwhile. ``take``
 hands the result to the block that applies it, waiting only if the solve is
 not finished by then. No callback runs inside the training program, so
 nothing there waits for a solve: this is what lets asynchronous (PT) run

@@ -62,11 +62,10 @@ def _child_sums(children: chex.Array, branching: int) -> chex.Array:
   """(..., w·B) → (..., w): the sums of consecutive groups of B children.
 
   A matrix-vector product with ones rather than ``reshape(...).sum(-1)``:
-  XLA:CPU's reduction over a minor axis of 8 was 15x slower (113 vs 7.5 µs for
-  3 x 4096 nodes), and it made re-summing the trees most of a block's
-  fold-in. Full float32 (GPUs would otherwise round through TF32). Every
-  internal node is summed by this one function, so trees built and updated
-  in any way agree bit for bit.
+  XLA:CPU's reduction over a minor axis of 8 was 15x slower (113 vs 7.5 µs
+  for 3 x 4096 nodes; a dense update of the three stacked trees at n = 8000,
+  1600 leaves: 0.18 → 0.11 ms). Full float32 (GPUs would otherwise round
+  through TF32). Every internal node is summed by this one function.
   """
   groups = children.reshape(children.shape[:-1] + (-1, branching))
   return jnp.matmul(groups, jnp.ones((branching,), children.dtype),
