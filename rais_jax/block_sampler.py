@@ -191,12 +191,7 @@ def _leaf_values(config: SamplerConfig, c: chex.Array, d: chex.Array,
   values = config.feature_map.compute(features, idx)
   if config.kind in POINT_KINDS:
     return point_leaves(values[..., 0])
-  # One matmul for both (the features materialised, O(n·d_R)): XLA:CPU's
-  # fused product-and-sum recomputed the features for each of a and b, 130 µs
-  # each at n = 8000 (with S in `submit` a matmul too, a delivery plus
-  # snapshot took 0.67 instead of 0.79 ms).
-  ab = jnp.matmul(values, jnp.stack([c, d], axis=1), precision=jax.lax.Precision.HIGHEST)
-  return ab[..., 0], ab[..., 1]
+  return robust.centres_and_widths(c, d, values)
 
 
 def point_leaves(values: chex.Array) -> tuple[chex.Array, chex.Array]:

@@ -126,9 +126,9 @@ class SolveService:
     on the CPU each separate host read cost ~1 ms of wall-clock in a
     training loop (its own wait and a slower next dispatch).
     """
-    arrays = [fingerprint_, *pending.solve_args(), *more]
-    fp, *host = jax.device_get([local(a) for a in arrays])
-    return tuple(int(v) for v in fp), host[:6], host[6:]
+    args = pending.solve_args()
+    fp, *host = jax.device_get([local(a) for a in (fingerprint_, *args, *more)])
+    return tuple(int(v) for v in fp), host[:len(args)], host[len(args):]
 
   def submit(self, pending: PendingSolve) -> tuple:
     """Starts solving ``pending`` (no-op if already in flight); returns its
