@@ -49,14 +49,17 @@ def main(argv=None):
     # Mid-run, where RAIS is ahead: the training loss at half the epochs.
     mid = [rais[str(s)]["curve"][args.epochs // 2]["train_loss"] for s in args.seeds]
     summary["mid_train_loss"] = compare._stats(mid, reached=False)  # pylint: disable=protected-access
-    per_k[k] = {"block_size": rais[str(args.seeds[0])]["block_size"], "summary": summary}
+    k = rais[str(args.seeds[0])]["block_size"]  # the divisor of an epoch used
+    per_k[k] = {"block_size": k, "summary": summary}
     rows.append(
-        f"| {per_k[k]['block_size']} | {summary['epoch']['reached']} | "
+        f"| {k} | {summary['epoch']['reached']} | "
         f"{compare.format_stats(summary['epoch'], '.0f')} | "
-        f"{summary['epoch']['per_seed']} | "
+        f"{[round(e, 2) for e in summary['epoch']['per_seed']]} | "
         f"{compare.format_stats(summary['mid_train_loss'], '.4g')} | "
         f"{compare.format_stats(summary['final_train_loss'], '.4g')} | "
-        f"{compare.format_stats(summary['final_test_accuracy'], '.3f')} |")
+        f"{compare.format_stats(summary['final_test_accuracy'], '.3f')} | "
+        f"{compare.format_stats(summary['speedup_wall_clock_s'], '.2f')} | "
+        f"{compare.format_stats(summary['ms_per_step'], '.3f')} |")
     print(rows[-1], flush=True)
   name = args.name or (
       f"block_size_{args.dataset.replace(':', '_').replace('/', '_')}_{args.model}")
@@ -68,8 +71,9 @@ def main(argv=None):
         f"({args.dataset} {args.model}, {args.epochs} epochs, m={args.batch_size}, "
         f"lr {args.lr}, {args.norms} norms, seeds {args.seeds})\n\n"
         f"| K | reached | epochs to target | per seed | train loss at epoch "
-        f"{args.epochs // 2} | final train loss | final test accuracy |\n"
-        "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+        f"{args.epochs // 2} | final train loss | final test accuracy | "
+        "wall-clock speed-up to target | ms per step |\n"
+        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
   (RESULTS / f"{name}.md").write_text(md)
   print(md)
 
