@@ -1,4 +1,5 @@
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -29,3 +30,20 @@ def highest_precision():
   module that uses it keeps a looser check at the default precision."""
   with jax.default_matmul_precision("highest"):
     yield
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+      "--emulate-tf32", action="store_true",
+      help="compile default-precision float32 dots and convolutions on "
+           "TF32-rounded inputs, as a GPU runs them (tests/tf32.py): shows on "
+           "CPU which checks a GPU's default precision would break. Not for "
+           "tests that run subprocesses (examples, notebooks, multi-process).")
+
+
+def pytest_configure(config):
+  if config.getoption("--emulate-tf32"):
+    import tf32  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    stack = contextlib.ExitStack()
+    stack.enter_context(tf32.emulate_tf32())
+    config.add_cleanup(stack.close)
