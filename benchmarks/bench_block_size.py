@@ -49,10 +49,10 @@ def main(argv=None):
     # Mid-run, where RAIS is ahead: the training loss at half the epochs.
     mid = [rais[str(s)]["curve"][args.epochs // 2]["train_loss"] for s in args.seeds]
     summary["mid_train_loss"] = compare._stats(mid, reached=False)  # pylint: disable=protected-access
-    k = rais[str(args.seeds[0])]["block_size"]  # the divisor of an epoch used
-    per_k[k] = {"block_size": k, "summary": summary}
+    used = rais[str(args.seeds[0])]["block_size"]  # the divisor of an epoch
+    per_k[used] = {"block_size": used, "summary": summary}
     rows.append(
-        f"| {k} | {summary['epoch']['reached']} | "
+        f"| {used} | {summary['epoch']['reached']} | "
         f"{compare.format_stats(summary['epoch'], '.0f')} | "
         f"{[round(e, 2) for e in summary['epoch']['per_seed']]} | "
         f"{compare.format_stats(summary['mid_train_loss'], '.4g')} | "
