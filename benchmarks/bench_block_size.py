@@ -54,7 +54,7 @@ def main(argv=None):
     rows.append(
         f"| {used} | {summary['epoch']['reached']} | "
         f"{compare.format_stats(summary['epoch'], '.0f')} | "
-        f"{[round(e, 2) for e in summary['epoch']['per_seed']]} | "
+        f"{[e if e is None else round(e, 2) for e in summary['epoch']['per_seed']]} | "
         f"{compare.format_stats(summary['mid_train_loss'], '.4g')} | "
         f"{compare.format_stats(summary['final_train_loss'], '.4g')} | "
         f"{compare.format_stats(summary['final_test_accuracy'], '.3f')} | "
