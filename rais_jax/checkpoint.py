@@ -28,8 +28,9 @@ except ImportError as e:  # the core installs without orbax
 
 from rais_jax.sampler import Sampler
 
-# 2: TrainState gained ``skipped_steps``.
-FORMAT_VERSION = 2
+# 2: TrainState gained ``skipped_steps``. 3: one TrainState for both drivers
+# (the gain-ratio moments and the step count moved out of the sampler state).
+FORMAT_VERSION = 3
 METADATA = "rais_jax.json"
 
 

@@ -123,3 +123,16 @@ def static_features(features: chex.Array,
   return FeatureMap(
       num_examples=f.shape[0], names=names, init=lambda: jnp.asarray(f),
       compute=compute, update=lambda state, indices, norms, valid: state)
+
+
+def one_value(state: chex.Array, idx: Optional[chex.Array] = None) -> chex.Array:
+  """A one-feature map's ``compute``: the state's value of each example (of
+  ``idx``), as a column."""
+  return (state if idx is None else state[idx])[..., None]
+
+
+def unchanged(state: PyTree, idx: chex.Array, values: chex.Array,
+              valid: chex.Array) -> PyTree:
+  """An ``update`` for features that measurements do not change."""
+  del idx, values, valid
+  return state

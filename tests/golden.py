@@ -39,9 +39,9 @@ def data_and_model():
 
 def sampler(method: str, labels) -> Any:
   if method == "selective-backprop":
-    return rj.selective_backprop(N, batch_size=M)
+    return rj.baselines.selective_backprop(N, batch_size=M)
   if method == "infobatch":
-    return rj.infobatch(N, batch_size=M, num_epochs=4)
+    return rj.baselines.infobatch(N, batch_size=M, num_epochs=4)
   return problems.sampler(method, labels, CLASSES, M, buffer_size=48, mode="sync",
                           pt_delay=None)
 

@@ -27,9 +27,9 @@ def sampler(method: str, labels, classes: int, batch_size: int, *,
   if method == "usgd":
     return rj.uniform_sampler(n, batch_size=batch_size)
   if method == "naive":
-    return rj.naive_sampler(n, batch_size=batch_size, floor=0.3)
+    return rj.baselines.naive_sampler(n, batch_size=batch_size, floor=0.3)
   if method == "loss-is":
-    return rj.loss_sampler(n, batch_size=batch_size, floor=0.3)
+    return rj.baselines.loss_sampler(n, batch_size=batch_size, floor=0.3)
   if method == "osgd":
     return rj.oracle_sampler(n, batch_size=batch_size)
   return rj.rais_sampler(rj.default_features(labels, classes), batch_size=batch_size,
@@ -62,3 +62,25 @@ def fitted_sampler(n=1000, m=256, floor=0.05, seed=0, num_classes=4):
   c = jnp.asarray(rng.uniform(0, 1, fmap.num_features), jnp.float32)
   d = jnp.asarray(rng.uniform(0, 1, fmap.num_features), jnp.float32)
   return sampler, sampler.set_parameters(state, c, d), fmap, c, d
+
+
+def synthetic_step(sampler, carry, key, norms_fn, grad_sq_norm=1.0, inner=None):
+  """One per-step sampler update on synthetic norms, as make_train_step does
+  it: draw, fold in, the gain-ratio moments, the (PT) hand-off. ``carry`` is
+  (sampler state, moments, step); returns it and (the draw, r used)."""
+  state, moments, step = carry
+  s = sampler.sample(state, key)
+  u = jnp.asarray(norms_fn(s.indices), jnp.float32)
+  r = rj.gain_ratio.estimate(moments, sampler.batch_size, r_max=sampler.r_max)
+  state = sampler.fold_in(state, s, u)
+  moments = rj.gain_ratio.update(moments, u, s.probs, sampler.num_examples,
+                                 jnp.float32(grad_sq_norm), grad_halves_inner=inner,
+                                 alpha=sampler.ema_rate)
+  step = step + 1
+  if sampler.pt is not None:
+    state = rj.pt.periodic.advance(sampler.pt, state, step)
+  return (state, moments, step), (s, r)
+
+
+def synthetic_start(sampler):
+  return sampler.init(), rj.gain_ratio.init(), jnp.zeros((), jnp.int32)

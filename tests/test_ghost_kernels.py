@@ -54,10 +54,10 @@ def _per_example_sq(fn, params, data, deltas):
   return jnp.stack([one(k) for k in range(M)])
 
 
-def _check_site_kernel(fn, params, *data, kind):
+def _check_site_kernel(fn, params, *data, kernel):
   listed = lambda *a: [fn(*a)]
   (site,) = _sites(listed, params, *data)
-  assert kernels.site_kind(site) == kind
+  assert kernels.site_kernel(site) is kernel
   (delta,) = _deltas(9, listed, params, *data)
   got = jax.jit(jax.vmap(lambda x, d: kernels.site_sq(site, [x[None]], d)))(
       data[0], delta)
@@ -79,14 +79,14 @@ def test_dense(positions):
   w = _normal(0, 8, 6)
   x = _normal(1, M, positions, 8)
   _check_site_kernel(lambda w, x: jnp.einsum("bta,ac->btc", x, w), w, x,
-                     kind="dot_general")
+                     kernel=kernels.dot_general_sq)
 
 
 def test_dense_weight_on_the_left_and_contracted_last():
   w = _normal(0, 6, 8)  # (C, A): y = W x
   x = _normal(1, M, 8)
   _check_site_kernel(lambda w, x: lax.dot_general(w, x, (((1,), (1,)), ((), ()))),
-                     w, x, kind="dot_general")
+                     w, x, kernel=kernels.dot_general_sq)
 
 
 def test_dense_with_shared_batch_dims():
@@ -96,7 +96,7 @@ def test_dense_with_shared_batch_dims():
   x = _normal(1, M, 7, 3, 5)  # (T, H, A)
   _check_site_kernel(
       lambda w, x: lax.dot_general(w, x, (((1,), (3,)), ((0,), (2,)))), w, x,
-      kind="dot_general")
+      kernel=kernels.dot_general_sq)
 
 
 @pytest.mark.parametrize("layout,groups,strides,padding,dilation", [
@@ -115,7 +115,7 @@ def test_conv(layout, groups, strides, padding, dilation):
   conv = lambda w, x: lax.conv_general_dilated(
       x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=specs,
       feature_group_count=groups)
-  _check_site_kernel(conv, w, x, kind="conv")
+  _check_site_kernel(conv, w, x, kernel=kernels.conv_sq)
 
 
 def _lookup(mode):
@@ -135,7 +135,7 @@ def test_embedding(mode, length):
   sequences, by sorting above 512); FILL_OR_DROP drops out-of-range ids."""
   table = _normal(0, 7, 5)
   tokens = _integers(1, -2, 9, M, length, 1)
-  _check_site_kernel(_lookup(mode), table, tokens, kind="embedding")
+  _check_site_kernel(_lookup(mode), table, tokens, kernel=kernels.embedding_sq)
 
 
 @pytest.mark.parametrize("output_layer", ["transposed", "contracted on axis 1"])

@@ -1,9 +1,11 @@
 """The golden runs (tests/golden.py) are reproduced: a change that alters any
 method's trajectory on the fast path or the per-step API shows here.
 
-Bit-identical where they were recorded (CPU, the same JAX version); on
-another JAX version or backend, compiled programs may round differently, so
-there the check is to float32 noise over a few dozen steps.
+Bit-identical where they were recorded (CPU, the same JAX version); with
+another JAX version on a CPU, compiled programs may round differently, so
+there the check is to float32 noise over a few dozen steps. On another
+backend (a GPU's TF32 matmuls and reduction orders) a draw can flip and the
+runs part ways: the recording is a CPU artifact, so those tests skip there.
 """
 
 import jax
@@ -15,10 +17,22 @@ import golden
 _STORED = np.load(golden.GOLDEN)
 _SAME_PLATFORM = (str(_STORED["jax_version"]) == jax.__version__
                   and str(_STORED["backend"]) == jax.default_backend())
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != str(_STORED["backend"]),
+    reason="golden runs were recorded on " + str(_STORED["backend"]))
+
+
+# Deliberate changes since the recording. The redesign of the samplers as
+# values (methods with their own state types): the per-step U-SGD state no
+# longer carries a RAIS state's fields as O(1) placeholders (it has none).
+_DROPPED = {"per_step/usgd/": "sampler."}
 
 
 def _check(prefix: str, got: dict[str, np.ndarray]) -> None:
   want = {k[len(prefix):]: _STORED[k] for k in _STORED.files if k.startswith(prefix)}
+  dropped = _DROPPED.get(prefix)
+  if dropped is not None:
+    want = {k: v for k, v in want.items() if not k.startswith(dropped)}
   assert sorted(got) == sorted(want)
   for name, value in want.items():
     if _SAME_PLATFORM:

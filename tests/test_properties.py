@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import problems
 import rais_jax as rj
 from rais_jax import gain_ratio
 
@@ -68,13 +69,14 @@ def _run_steps():
 
   @jax.jit
   def run(norms, g2, key):
-    def body(state, xs):
+    def body(carry, xs):
       u, g, k = xs
-      sample = sampler.sample(state, k)
-      state = sampler.update(state, sample, u, grad_sq_norm=g)
-      return state, (sampler.gain_ratio(state), sample.probs)
+      carry, (sample, _) = problems.synthetic_step(sampler, carry, k, lambda i: u, g)
+      r = rj.gain_ratio.estimate(carry[1], M, r_max=R_MAX)
+      return carry, (r, sample.probs)
     keys = jax.random.split(key, norms.shape[0])
-    state, (r, probs) = jax.lax.scan(body, sampler.init(), (norms, g2, keys))
+    (state, _, _), (r, probs) = jax.lax.scan(
+        body, problems.synthetic_start(sampler), (norms, g2, keys))
     return state, r, probs, sampler.probabilities(state)
 
   return run

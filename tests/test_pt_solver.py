@@ -4,8 +4,8 @@ import optax
 import pytest
 from scipy import optimize
 
-from rais_jax import pt_constraint, solve_pt
-from rais_jax.pt_solver import projection_weighted_simplex
+from rais_jax.pt import pt_constraint, solve_pt
+from rais_jax.pt.solver import projection_weighted_simplex
 
 
 def _instance(seed, records=120, d_r=4, n=300):

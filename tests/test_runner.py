@@ -13,9 +13,10 @@ import pytest
 
 import problems
 import rais_jax as rj
-from rais_jax import block_sampler as bs
+from rais_jax.schedule import Schedule
+from rais_jax import step as step_lib
 from rais_jax import checkpoint
-from rais_jax import pt_solver
+from rais_jax.pt import solver as pt_solver
 from stats_helpers import pool, pooled_chisquare_pvalue
 from scipy import stats
 
@@ -93,7 +94,7 @@ def test_step_loop_has_no_branch_loop_or_callback(problem, method, norms, functi
   data, _, params, _ = problem
   runner = _runner(problem, method, norms=norms)
   state = runner.init(params)
-  hlo = jax.jit(getattr(runner, function)).lower(
+  hlo = jax.jit(getattr(runner.programs, function)).lower(
       state, jax.random.key(0), data).compile().as_text()
   comps = _computations(hlo)
   entry = next(n for n in comps if re.search(r"^ENTRY %?" + re.escape(n) + " ", hlo,
@@ -121,13 +122,13 @@ def test_grad_sq_norm_is_measured_once_per_block_with_exact_norms(problem, norms
   was not computed."""
   blocks = 6
   state, metrics, runner = _run(problem, blocks * K, norms=norms)
-  alpha, moments = runner.config.ema_rate, state.moments
+  alpha, moments = runner.sampler.ema_rate, state.moments
   assert int(moments.count) == blocks * K
   np.testing.assert_allclose(moments.weight, 1 - (1 - alpha) ** (blocks * K),
                              rtol=1e-5)
   g2 = np.asarray(metrics.grad_sq_norm).reshape(blocks, K)
   if norms == "exact":
-    rate = runner._grad_rate(K)  # pylint: disable=protected-access
+    rate = step_lib.grad_rate(runner.sampler.ema_rate, K)
     assert alpha < rate < 1 - (1 - alpha) ** K
     np.testing.assert_allclose(moments.grad_weight, 1 - (1 - rate) ** blocks,
                                rtol=1e-5)
@@ -142,21 +143,21 @@ def test_grad_sq_norm_is_measured_once_per_block_with_exact_norms(problem, norms
 
 def _fitted_state(n=1000, num_classes=4, seed=0, floor=0.05):
   sampler, state, *_ = problems.fitted_sampler(n, 64, floor, seed, num_classes)
-  return sampler, sampler.config, state
+  return sampler, state
 
 
 def test_block_draws_match_probabilities_chi_square():
   """K·m = 32·64 draws per block from n = 1000 (duplicates in every block):
   frequencies against p, and each draw reports its own p and weight."""
-  _, config, state = _fitted_state()
-  draw = jax.jit(lambda k: bs.draw(config, state, k, (32, 64)))
+  sampler, state = _fitted_state()
+  draw = jax.jit(lambda k: sampler.draw(state, k, (32, 64)))
   samples = [draw(k) for k in jax.random.split(jax.random.key(0), 64)]
   idx = np.concatenate([np.asarray(s.indices).ravel() for s in samples])
   probs = np.concatenate([np.asarray(s.probs).ravel() for s in samples])
   weights = np.concatenate([np.asarray(s.weights).ravel() for s in samples])
   block = np.asarray(samples[0].indices).ravel()
   assert len(block) - len(np.unique(block)) > 100  # duplicates within a block
-  p = np.asarray(bs.probabilities(config, state), np.float64)
+  p = np.asarray(sampler.probabilities(state), np.float64)
   np.testing.assert_allclose(probs, p[idx], rtol=1e-5)
   np.testing.assert_allclose(weights, 1 / (1000 * p[idx]), rtol=1e-4)
   counts = np.bincount(idx, minlength=1000)
@@ -167,10 +168,10 @@ def test_block_draws_match_probabilities_chi_square():
 def test_block_and_per_step_draws_agree_in_distribution():
   """The fast path's (K, m) draws and make_train_step's per-step (m,) draws
   come from one distribution (two-sample chi-square)."""
-  sampler, config, state = _fitted_state(seed=3)
+  sampler, state = _fitted_state(seed=3)
   per_step = jax.jit(jax.vmap(lambda k: sampler.sample(state, k)))(
       jax.random.split(jax.random.key(1), 2048)).indices
-  block = jax.jit(jax.vmap(lambda k: bs.draw(config, state, k, (32, 64))))(
+  block = jax.jit(jax.vmap(lambda k: sampler.draw(state, k, (32, 64))))(
       jax.random.split(jax.random.key(2), 64)).indices
   a = np.bincount(np.asarray(per_step).ravel(), minlength=1000)
   b = np.bincount(np.asarray(block).ravel(), minlength=1000)
@@ -182,12 +183,12 @@ def test_block_and_per_step_draws_agree_in_distribution():
 def test_block_importance_weighted_gradient_is_unbiased():
   """mean over blocks of (1/m) Σ_k w_k g_k equals (1/n) Σ_i g_i, per step of
   the block (each weight uses the p its index was drawn from)."""
-  _, config, state = _fitted_state(n=200, seed=5, floor=0.1)
+  sampler, state = _fitted_state(n=200, seed=5, floor=0.1)
   grads = jnp.asarray(np.random.default_rng(1).normal(size=(200, 3)), jnp.float32)
   truth = np.asarray(grads.mean(0), np.float64)
 
   def estimate(key):
-    s = bs.draw(config, state, key, (8, 64))
+    s = sampler.draw(state, key, (8, 64))
     return jnp.mean(s.weights[..., None] * grads[s.indices], axis=1)  # (8, 3)
 
   est = np.asarray(jax.jit(jax.vmap(estimate))(
@@ -201,14 +202,14 @@ def test_block_importance_weighted_gradient_is_unbiased():
 def test_fold_in_matches_per_step_updates_without_duplicates():
   """Folding a block in at once gives the features, D and trees that m-sized
   updates one after the other give, when no index repeats."""
-  sampler, config, state = _fitted_state(n=300, seed=2)
+  sampler, state = _fitted_state(n=300, seed=2)
   rng = np.random.default_rng(0)
   idx = jnp.asarray(rng.permutation(300)[:4 * 64].reshape(4, 64), jnp.int32)
-  p = bs.probabilities_at(config, state, idx)
-  sample = bs.Sample(indices=idx, probs=p, weights=1 / (300 * p))
+  p = sampler.probabilities(state)[idx]
+  sample = rj.Sample(indices=idx, probs=p, weights=1 / (300 * p))
   norms = jnp.asarray(rng.lognormal(0, 1, (4, 64)), jnp.float32)
   norms = norms.at[1, 3].set(jnp.nan)
-  fold_in = jax.jit(lambda *args: bs.fold_in(config, *args))  # not op by op
+  fold_in = jax.jit(sampler.fold_in)  # not op by op
   block = fold_in(state, sample, norms)
   steps = state
   for t in range(4):
@@ -274,13 +275,13 @@ def test_loader_errors(problem):
   data, _, params, _ = problem
   loader = lambda idx: jax.tree.map(lambda x: np.asarray(x)[idx], data)
   runner = _runner(problem, "osgd")
-  with pytest.raises(ValueError, match="O-SGD .* not a loader"):
+  with pytest.raises(ValueError, match="'oracle' .* not a loader"):
     runner.run(runner.init(params), jax.random.key(0), loader, K)
   runner = _runner(problem, "usgd")
   state = runner.init(params)
-  drawn = runner.draw(state, jax.random.key(0))
+  drawn = runner.programs.draw(state, jax.random.key(0))
   with pytest.raises(ValueError, match="leading axes"):
-    runner.fed_steps(state, drawn, jax.tree.map(lambda x: x[:K * M], data))
+    runner.programs.fed_steps(state, drawn, jax.tree.map(lambda x: x[:K * M], data))
 
 
 @pytest.mark.parametrize("norms", ["proxy", "exact"])
@@ -298,7 +299,7 @@ def test_async_sync_and_in_graph_runs_are_identical(problem, norms):
   runner = _runner(problem, mode="sync", norms=norms)
   key = jax.random.key(42)
   graph = jax.jit(lambda st: jax.lax.scan(
-      lambda c, b: runner.block(c, jax.random.fold_in(key, b * K), data), st,
+      lambda c, b: runner.programs.block(c, jax.random.fold_in(key, b * K), data), st,
       jnp.arange(96 // K)))
   g, mg = graph(runner.init(params))
   mg = jax.tree.map(lambda x: x.reshape(-1), mg)
@@ -318,21 +319,16 @@ def _count_solves(runner) -> list:
   return calls
 
 
-def test_schedule_issues_one_program_per_period(problem):
-  """run() dispatches whole stretches of blocks between the boundaries where
-  the host has work ((PT) delivery and snapshot; the oracle's refresh):
-  one program per gap (without them, per epoch), powers of two blocks where
-  a run starts or ends between them, then the rest (< K) in powers of two."""
-  rais = _runner(problem)  # K = 4, (PT) period 8, delay 8: boundaries at 0 mod 8
-  assert rais._schedule(0, 32) == [(2, K)] * 4
-  assert rais._schedule(4, 20) == [(1, K), (2, K), (2, K)]
-  delayed = _runner(problem, pt_delay=4)  # boundaries at 0 and 4 mod 8
-  assert delayed._schedule(0, 16) == [(1, K)] * 4
-  usgd = _runner(problem, "usgd")  # nothing to do between blocks
-  assert usgd._schedule(0, N // M) == [(3, K), (1, 2), (1, 1)]  # an epoch: 15 steps
-  assert usgd._schedule(0, 7 * K + 3) == [(4, K), (2, K), (1, K), (1, 2), (1, 1)]
-  oracle = _runner(problem, "osgd")  # refresh every 8 steps
-  assert oracle._schedule(0, 24) == [(2, K)] * 3
+def test_make_runner_builds_the_schedule_of_its_sampler(problem):
+  """The breaks come from the sampler's facts: (PT) snapshots and deliveries
+  (its period and delay in whole blocks), the oracle's refreshes, none for
+  U-SGD (tests/test_schedule.py checks the programs each issues)."""
+  epoch = N // M
+  assert _runner(problem).schedule == Schedule(K, 8, (0,), epoch)  # period 8, delay 8
+  assert _runner(problem, pt_delay=4).schedule == Schedule(K, 8, (0, 4), epoch)
+  assert _runner(problem, "usgd").schedule == Schedule(K, K, (), epoch)
+  assert _runner(problem, "osgd").schedule == Schedule(K, 8, (0,), epoch)
+  assert _runner(problem, block_size=3).schedule == Schedule(3, 9, (0,), epoch)
 
 
 @pytest.mark.parametrize("method", ["usgd", "rais"])
@@ -342,14 +338,14 @@ def test_warm_up_compiles_what_epochs_run(problem, method):
   data, _, params, _ = problem
   runner = _runner(problem, method, block_size=3)
   runner.warm_up(params, data)
-  programs = ("blocks", "concat", "deliver", "_submit_snapshot",
-              "_deliver_and_snapshot", "_header")
-  sizes = [runner._jitted[p]._cache_size() for p in programs]
+  programs = ("blocks", "concat", "deliver", "snapshot", "deliver_and_snapshot",
+              "header")
+  sizes = [getattr(runner.compiled, p)._cache_size() for p in programs]
   state = runner.init(params)
   with runner:
     for epoch in range(3):  # epochs start at steps 0, 6 and 3 of the period
       state, _ = runner.run_epoch(state, jax.random.key(epoch), data)
-  assert [runner._jitted[p]._cache_size() for p in programs] == sizes
+  assert [getattr(runner.compiled, p)._cache_size() for p in programs] == sizes
 
 
 def test_a_solve_due_off_the_boundaries_is_applied(problem):

@@ -1,12 +1,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy import stats
 
 import problems
 import rais_jax as rj
-from rais_jax import pt_solver
+from rais_jax.pt import solver as pt_solver
 from stats_helpers import pool, pooled_chisquare_pvalue
 
 
@@ -87,15 +88,15 @@ def test_importance_weighted_gradient_is_unbiased():
   assert float(estimates.var(0).sum()) < uniform_var
 
 
-def _feed(sampler, state, steps, norms_fn, seed=0):
-  """Runs sample/update with synthetic norms for a number of steps."""
-  def body(state, key):
-    s = sampler.sample(state, key)
-    norms = norms_fn(s.indices)
-    return sampler.update(state, s, norms, grad_sq_norm=jnp.float32(1.0),
-                          grad_halves_inner=jnp.float32(0.5)), None
+def _feed(sampler, carry, steps, norms_fn, seed=0):
+  """Runs per-step updates with synthetic norms for a number of steps, from
+  ``carry`` (sampler state, moments, step; None: a fresh one)."""
+  def body(carry, key):
+    return problems.synthetic_step(sampler, carry, key, norms_fn, 1.0,
+                                   jnp.float32(0.5))[0], None
   keys = jax.random.split(jax.random.key(seed), steps)
-  return jax.jit(lambda st, k: jax.lax.scan(body, st, k)[0])(state, keys)
+  carry = problems.synthetic_start(sampler) if carry is None else carry
+  return jax.jit(lambda c, k: jax.lax.scan(body, c, k)[0])(carry, keys)
 
 
 def _true_norms(n, seed=0):
@@ -112,13 +113,16 @@ def test_pt_schedule_and_learning(mode):
   sampler = rj.rais_sampler(rj.default_features(labels, 3), batch_size=m,
                             buffer_size=200, pt_mode=mode, pt_delay=3)
   period = 10  # ⌈200 / 20⌉
-  state = _feed(sampler, sampler.init(), period + 2, lambda i: v[i])
+  carry = _feed(sampler, None, period + 2, lambda i: v[i])
+  state = carry[0]
   assert not bool(state.fitted) and int(state.pending.due) == period + 3
-  state = _feed(sampler, state, 1, lambda i: v[i])
+  carry = _feed(sampler, carry, 1, lambda i: v[i])
+  state = carry[0]
   assert bool(state.fitted) and int(state.diagnostics.pt_solves) == 1
   assert int(state.pending.due) == -1
   # After a few solves, examples with larger true norms are sampled more.
-  state = _feed(sampler, state, 10 * period, lambda i: v[i], seed=1)
+  carry = _feed(sampler, carry, 10 * period, lambda i: v[i], seed=1)
+  state = carry[0]
   p = np.asarray(sampler.probabilities(state))
   assert np.corrcoef(p, np.asarray(v))[0, 1] > 0.5
   assert int(state.diagnostics.pt_failures) == 0
@@ -130,7 +134,8 @@ def test_nonfinite_norms_are_skipped_and_counted():
   sampler = rj.rais_sampler(rj.default_features(labels, 3), batch_size=m,
                             pt_mode="sync")
   bad = lambda i: jnp.where(i % 2 == 0, jnp.nan, v[i])
-  state = _feed(sampler, sampler.init(), 30, bad)
+  carry = _feed(sampler, None, 30, bad)
+  state = carry[0]
   assert int(state.diagnostics.nonfinite_norms) > 0
   # About half the measurements are skipped, so D (|D| = 100, m = 10) holds
   # ~50 records at step 10: no solve is submitted then, only at step 20 (due
@@ -149,7 +154,8 @@ def test_failed_solve_keeps_previous_parameters(monkeypatch, mode, failure):
   labels, v = _true_norms(100)
   sampler = rj.rais_sampler(rj.default_features(labels, 3), batch_size=10,
                             pt_mode=mode)
-  state = _feed(sampler, sampler.init(), 40, lambda i: v[i])
+  carry = _feed(sampler, None, 40, lambda i: v[i])
+  state = carry[0]
   assert int(state.diagnostics.pt_failures) >= 2
   assert int(state.diagnostics.pt_solves) == 0
   assert not bool(state.fitted)
@@ -178,10 +184,12 @@ def test_oracle_default_floor_bounds_the_weights():
   assert float(weights.max()) > 3.0  # the bound is attained by the small norms
 
 
-def test_uniform_sampler_gain_ratio_is_one():
+def test_uniform_sampler_keeps_no_state_and_measures_nothing():
   sampler = rj.uniform_sampler(50, batch_size=5)
-  state = _feed(sampler, sampler.init(), 5, lambda i: jnp.ones(5))
-  assert float(sampler.gain_ratio(state)) == 1.0 and int(state.step) == 5
+  carry = _feed(sampler, None, 5, lambda i: jnp.ones(5))
+  state = carry[0]
+  assert int(carry[2]) == 5 and state == rj.sampler.UniformState()
+  assert not sampler.boosts_lr and not sampler.measures_norms  # r = 1, no norms
 
 
 @pytest.mark.parametrize("kwargs, msg", [
@@ -194,3 +202,59 @@ def test_uniform_sampler_gain_ratio_is_one():
 def test_config_errors(kwargs, msg):
   with pytest.raises(ValueError, match=msg):
     rj.rais_sampler(rj.default_features(np.arange(20) % 2, 2), **kwargs)
+
+
+# -- a method defined here alone --------------------------------------------
+
+
+def _label_frequency_sampler(labels, classes, batch_size):
+  """A toy method, defined in this test file only: p_i ∝ how common i's class
+  is (importance weights 1/(n p_i) keep the gradient unbiased)."""
+  labels = jnp.asarray(labels)
+  n = labels.shape[0]
+  counts = jnp.bincount(labels, length=classes).astype(jnp.float32)
+  p = counts[labels] / jnp.sum(counts[labels])
+
+  def draw(state, key, shape):
+    del state
+    idx = jax.random.choice(key, n, shape, p=p).astype(jnp.int32)
+    return rj.Sample(indices=idx, probs=p[idx], weights=1.0 / (n * p[idx]))
+
+  return rj.Sampler(name="label-frequency", num_examples=n, batch_size=batch_size,
+                    feature_names=(), init=lambda: (), draw=draw,
+                    fold_in=lambda state, drawn, measured: state,
+                    probabilities=lambda state: p)
+
+
+def test_a_method_defined_outside_the_library_runs_on_both_drivers():
+  """Methods are values: a toy sampler built in this file trains on the fast
+  path and the per-step API, and its draws are unbiased."""
+  data, model_fn, params, labels = problems.classification(120, 4)
+  sampler = _label_frequency_sampler(labels, 4, 8)
+  head = rj.softmax_cross_entropy_head()
+  runner = rj.make_runner(model_fn, head, optax.sgd(0.1), sampler, block_size=4)
+  state, metrics = runner.run(runner.init(params), jax.random.key(0), data, 30)
+  assert int(state.step) == 30 and np.isfinite(np.asarray(metrics.loss)).all()
+  step = jax.jit(rj.make_train_step(model_fn, head, optax.sgd(0.1), sampler))
+  per_step = rj.init_train_state(params, optax.sgd(0.1), sampler)
+  per_step, _ = step(per_step, jax.random.key(1), data)
+  assert int(per_step.step) == 1
+  # Unbiased: mean of (1/m) Σ w_k g_k over draws ≈ mean of g_i (z-test, 4.5σ).
+  grads = jnp.asarray(np.random.default_rng(0).normal(size=(120, 2)), jnp.float32)
+  s = jax.vmap(lambda k: sampler.sample((), k))(jax.random.split(jax.random.key(2), 20000))
+  est = np.asarray((s.weights[..., None] * grads[s.indices]).mean(1), np.float64)
+  se = est.std(0, ddof=1) / np.sqrt(len(est))
+  assert np.all(np.abs(est.mean(0) - np.asarray(grads.mean(0))) < 4.5 * se)
+
+
+def test_a_method_defined_outside_the_library_runs_through_compare(tmp_path):
+  from rais_jax.experiments import compare  # pylint: disable=import-outside-toplevel
+  config = compare.CompareConfig(epochs=1, num_samples=300, hidden=(8,), seeds=(0,),
+                                 methods=("usgd", "toy"))
+  toy = lambda labels, classes, cfg: (
+      _label_frequency_sampler(labels, classes, cfg.batch_size), None)
+  results = compare.run_compare(config, tmp_path, plots=False, quiet=True,
+                                methods={"toy": toy})
+  assert set(results["runs"]) == {"usgd", "toy"}
+  assert results["runs"]["toy"]["0"]["steps"] > 0
+  assert "toy" in results["summary"]["ranking"]["wall_clock_to_target_unbiased"]

@@ -100,7 +100,7 @@ def test_missing_state_error():
 
 def test_adamw_recipe_takes_the_gain_ratio():
   """AdamW for RAIS: Adam's direction, decoupled weight decay, then the
-  r-scaled, τ-indexed learning rate (README "Any optax optimizer")."""
+  r-scaled, τ-indexed learning rate (the user guide, "Any optax optimizer")."""
   schedule = optax.cosine_decay_schedule(1e-2, 100)
   opt = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(1e-4),
                     scale_by_gain_ratio(schedule))
@@ -118,7 +118,7 @@ def test_adamw_recipe_takes_the_gain_ratio():
 
 
 _LR = 0.1
-# The README's recipes ("Any optax optimizer"), each beside the stock optax
+# The user guide's recipes ("Any optax optimizer"), each beside the stock optax
 # optimizer it equals at r = 1.
 RECIPES = {
     "sgd": (rais_sgd(_LR), optax.sgd(_LR)),

@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import time
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +51,6 @@ import rais_jax as rj
 from rais_jax.experiments import data as data_lib
 from rais_jax.experiments.models import functional, make_model
 
-METHODS = ("usgd", "rais", "osgd", "naive", "loss-is", "selective-backprop",
-           "infobatch")
-# Methods that raise the learning rate by the gain ratio: they stop when the
-# schedule's budget of τ is spent.
-BOOSTED = ("rais", "osgd", "naive")
-# Methods whose minibatch gradient is an unbiased estimate of the full one.
-UNBIASED = ("usgd", "rais", "osgd", "naive", "loss-is")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -90,10 +83,13 @@ class CompareConfig:
   num_samples: int = 10_000  # MNIST-1D only
   data_dir: Optional[str] = None
 
-  def validate(self) -> None:
-    bad = [m for m in self.methods if m not in METHODS]
+  def validate(self, known: Sequence[str] = ()) -> None:
+    """One clear error per bad field; ``known``: the method names on offer
+    (default :data:`METHODS`)."""
+    known = tuple(known) or tuple(METHODS)
+    bad = [m for m in self.methods if m not in known]
     if bad or not self.methods:
-      raise ValueError(f"methods must be a non-empty subset of {METHODS}; got "
+      raise ValueError(f"methods must be a non-empty subset of {known}; got "
                        f"{list(self.methods)}.")
     if self.lr_schedule not in SCHEDULES:
       raise ValueError(f"lr_schedule must be one of {SCHEDULES}; got "
@@ -130,33 +126,37 @@ def schedule(config: CompareConfig, total_steps: int) -> optax.Schedule:
   return optax.constant_schedule(config.lr)
 
 
-def _sampler(method: str, labels: np.ndarray, classes: int,
-             config: CompareConfig) -> rj.Sampler:
-  n, m = len(labels), config.batch_size
-  if method == "usgd":
-    return rj.uniform_sampler(n, batch_size=m)
-  floor: dict[str, Any] = {} if config.floor is None else {"floor": config.floor}
-  if method == "rais":
-    return rj.rais_sampler(rj.default_features(labels, classes), batch_size=m,
-                           r_max=config.r_max, **floor)
-  if method == "naive":
-    return rj.naive_sampler(n, batch_size=m, r_max=config.r_max, **floor)
-  if method == "loss-is":
-    return rj.loss_sampler(n, batch_size=m, **floor)
-  if method == "selective-backprop":
-    return rj.selective_backprop(n, batch_size=m, beta=config.sb_beta)
-  if method == "infobatch":
-    return rj.infobatch(n, batch_size=m, num_epochs=config.epochs,
-                        prune_ratio=config.infobatch_ratio,
-                        anneal=config.infobatch_delta)
-  # The oracle's own steps measure exact norms (ghost): its r is exact.
-  return rj.oracle_sampler(n, batch_size=m, r_max=config.r_max)
+# A method of the comparison: (training labels, number of classes, config)
+# -> (its sampler, how it measures norms: "exact", "proxy" or None).
+MethodFactory = Callable[[np.ndarray, int, "CompareConfig"],
+                         tuple[rj.Sampler, Optional[str]]]
 
 
-def _norms(method: str, config: CompareConfig) -> Optional[str]:
-  if method in ("rais", "naive"):
-    return config.norms
-  return "exact" if method == "osgd" else None  # the others measure no norms
+def _floor(config: CompareConfig) -> dict[str, Any]:
+  return {} if config.floor is None else {"floor": config.floor}
+
+
+METHODS: dict[str, MethodFactory] = {
+    "usgd": lambda labels, classes, config: (
+        rj.uniform_sampler(len(labels), batch_size=config.batch_size), None),
+    "rais": lambda labels, classes, config: (rj.rais_sampler(
+        rj.default_features(labels, classes), batch_size=config.batch_size,
+        r_max=config.r_max, **_floor(config)), config.norms),
+    # The oracle's own steps measure exact norms (ghost): its r is exact.
+    "osgd": lambda labels, classes, config: (rj.oracle_sampler(
+        len(labels), batch_size=config.batch_size, r_max=config.r_max), "exact"),
+    "naive": lambda labels, classes, config: (rj.baselines.naive_sampler(
+        len(labels), batch_size=config.batch_size, r_max=config.r_max,
+        **_floor(config)), config.norms),
+    "loss-is": lambda labels, classes, config: (rj.baselines.loss_sampler(
+        len(labels), batch_size=config.batch_size, **_floor(config)), None),
+    "selective-backprop": lambda labels, classes, config: (
+        rj.baselines.selective_backprop(len(labels), batch_size=config.batch_size,
+                                        beta=config.sb_beta), None),
+    "infobatch": lambda labels, classes, config: (rj.baselines.infobatch(
+        len(labels), batch_size=config.batch_size, num_epochs=config.epochs,
+        prune_ratio=config.infobatch_ratio, anneal=config.infobatch_delta), None),
+}
 
 
 def block_size(steps_per_epoch: int, limit: int) -> int:
@@ -165,11 +165,11 @@ def block_size(steps_per_epoch: int, limit: int) -> int:
              if steps_per_epoch % k == 0)
 
 
-class _Runner:
-  """One fast-path runner (compiled once) and evaluator per method, reused by seeds."""
+class MethodRunner:
+  """One method's fast-path runner (compiled once) and evaluator, reused by seeds."""
 
-  def __init__(self, method: str, config: CompareConfig, train, test, labels,
-               classes: int, model_fn):
+  def __init__(self, method: str, factory: MethodFactory, config: CompareConfig,
+               train, test, labels, classes: int, model_fn):
     self.method, self.train, self.test = method, train, test
     n, m = len(labels), config.batch_size
     if m > n:
@@ -178,16 +178,16 @@ class _Runner:
     total = config.epochs * self.steps_per_epoch
     self.optimizer = rj.rais_sgd(schedule(config, total),
                                  momentum=config.momentum)
-    self.sampler = _sampler(method, labels, classes, config)
+    self.sampler, norms = factory(labels, classes, config)
     limit = config.block_size
-    if method == "osgd":  # refresh on schedule
+    if self.sampler.refresh is not None:  # refresh on schedule
       limit = min(limit, config.oracle_period)
-    if method == "rais":  # blocks of at most half a (PT) period (see make_runner)
-      limit = min(limit, max(1, self.sampler.config.pt_period // 2))
+    if self.sampler.pt is not None:  # blocks of at most half a (PT) period (see make_runner)
+      limit = min(limit, max(1, self.sampler.pt.period // 2))
     self.block_size = block_size(self.steps_per_epoch, limit)
     head = rj.softmax_cross_entropy_head()
     self.runner = rj.make_runner(model_fn, head, self.optimizer, self.sampler,
-                                 norms=_norms(method, config),
+                                 norms=norms,
                                  exact_method=config.exact_method,
                                  block_size=self.block_size,
                                  oracle_period=config.oracle_period)
@@ -227,7 +227,7 @@ class _Runner:
 
   def _steps_of_epoch(self, state, key, tau: float, gain: float, budget: int):
     """(state, the gain ratios of its steps, one array per run)."""
-    if self.method not in BOOSTED or budget - tau > 2 * max(gain, 1.0):
+    if not self.sampler.boosts_lr or budget - tau > 2 * max(gain, 1.0):
       state, metrics = self.runner.run_epoch(state, key, self.train)
       return state, [metrics.gain_ratio]
     k, ratios = self.runner.block_size, []
@@ -282,7 +282,7 @@ class _Runner:
                               float(jnp.mean(jnp.concatenate(ratios)))))
       bar.set_postfix(loss=f"{curve[-1]['train_loss']:.4f}",
                       r=f"{curve[-1]['gain_ratio']:.2f}")
-      if self.method in BOOSTED and tau >= budget:
+      if self.sampler.boosts_lr and tau >= budget:
         schedule_end = epoch
         break
     self.runner.close()
@@ -290,7 +290,7 @@ class _Runner:
     run = {"seed": seed, "curve": curve, "block_size": self.block_size,
            "schedule_end_epoch": schedule_end, "steps": steps,
            "ms_per_step": 1e3 * wall / max(steps, 1)}
-    if self.method == "rais":
+    if self.sampler.pt is not None:  # the learned uncertainty set
       run["c"] = np.asarray(state.sampler.c).tolist()
       run["d"] = np.asarray(state.sampler.d).tolist()
       run["feature_names"] = list(self.sampler.feature_names)
@@ -328,7 +328,8 @@ def _at(curve: Sequence[dict], key: str, limit: float) -> dict:
   return points[-1] if points else curve[0]
 
 
-def summarise(runs: dict[str, dict[str, dict]]) -> dict:
+def summarise(runs: dict[str, dict[str, dict]],
+              unbiased: Optional[dict[str, bool]] = None) -> dict:
   """Per method, when it first reaches U-SGD's final training loss (per seed)
   and the speed-ups vs U-SGD, the real epochs it ran, and training loss and
   test accuracy at equal wall-clock (the method given U-SGD's total training
@@ -372,11 +373,12 @@ def summarise(runs: dict[str, dict[str, dict]]) -> dict:
       entry["ms_per_step"] = _stats([by_seed[s]["ms_per_step"] for s in ran],
                                     reached=False)
     summary["methods"][method] = entry
-  summary["ranking"] = ranking(summary["methods"])
+  summary["ranking"] = ranking(summary["methods"], unbiased)
   return summary
 
 
-def ranking(methods: dict[str, dict]) -> dict[str, list[str]]:
+def ranking(methods: dict[str, dict], unbiased: Optional[dict[str, bool]] = None
+            ) -> dict[str, list[str]]:
   """Methods ordered by wall-clock to the target (more seeds reaching it
   first, then the median time of those that did), the same among the
   unbiased methods only, and by median final test accuracy (highest first)."""
@@ -387,7 +389,8 @@ def ranking(methods: dict[str, dict]) -> dict[str, list[str]]:
     return -methods[name]["final_test_accuracy"].get("median", -math.inf)
   by_wall = sorted(methods, key=wall)
   return {"wall_clock_to_target": by_wall,
-          "wall_clock_to_target_unbiased": [m for m in by_wall if m in UNBIASED],
+          "wall_clock_to_target_unbiased": [
+              m for m in by_wall if unbiased is None or unbiased.get(m, True)],
           "final_test_accuracy": sorted(methods, key=accuracy)}
 
 
@@ -405,12 +408,16 @@ def environment() -> dict:
 
 
 def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
-                *, plots: bool = True, quiet: bool = False) -> dict:
+                *, plots: bool = True, quiet: bool = False,
+                methods: Optional[dict[str, MethodFactory]] = None) -> dict:
   """Runs every method for every seed; writes ``out/results.json`` and plots.
 
-  Progress bars show on a terminal only; ``quiet`` also drops them there and
-  the line printed per run."""
-  config.validate()
+  ``methods``: more methods by name (a :data:`MethodFactory` each), beside
+  :data:`METHODS`; ``config.methods`` picks among both. Progress bars show on
+  a terminal only; ``quiet`` also drops them there and the line printed per
+  run."""
+  factories = METHODS | dict(methods or {})
+  config.validate(known=tuple(factories))
   raw = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
                               num_samples=config.num_samples)
   classes = data_lib.num_classes(raw)
@@ -423,9 +430,11 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
             for s in config.seeds}
   model_fn = models[config.seeds[0]][0]
   runs: dict[str, dict[str, dict]] = {}
+  unbiased: dict[str, bool] = {}
   for method in config.methods:
-    runner = _Runner(method, config, train, test, raw["y_train"], classes,
-                     model_fn)
+    runner = MethodRunner(method, factories[method], config, train, test,
+                          raw["y_train"], classes, model_fn)
+    unbiased[method] = runner.sampler.unbiased
     runs[method] = {}
     for seed in config.seeds:
       run = runner.run(models[seed][1], seed, config.epochs, quiet=quiet)
@@ -445,7 +454,7 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
                          "n_test": int(len(raw["y_test"])),
                          "input_shape": list(input_shape), "classes": classes},
              "environment": environment(),
-             "runs": runs, "summary": summarise(runs)}
+             "runs": runs, "summary": summarise(runs, unbiased)}
   if out is not None:
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)

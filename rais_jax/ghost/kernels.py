@@ -31,7 +31,7 @@ differentially private learners" (ghost clipping).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import chex
 import jax
@@ -172,34 +172,32 @@ def conv_sq(site: Site, x: chex.Array, delta: chex.Array) -> chex.Array:
                            jnp.swapaxes(delta, 0, 1))
 
 
-def site_kind(site: Site) -> Optional[str]:
-  """The kernel that applies at ``site``: "dot_general", "conv", "embedding" or None."""
+def site_kernel(site: Site) -> Optional[Callable[[Site, Any, chex.Array], chex.Array]]:
+  """The kernel that applies at ``site`` (:func:`dot_general_sq`,
+  :func:`conv_sq` or :func:`embedding_sq`), or None."""
   name = site.eqn.primitive.name
   if (name == "conv_general_dilated" and site.param_slots == (1,)
       and site.data_slots == (0,) and site.eqn.params["batch_group_count"] == 1):
-    return "conv"
+    return conv_sq
   if name == "dot_general" and len(site.param_slots) == 1 \
       and len(site.data_slots) == 1:
-    return "dot_general"
+    return dot_general_sq
   if name == "gather" and _is_embedding_gather(site):
-    return "embedding"
+    return embedding_sq
   return None
 
 
 def site_sq(site: Site, data: Sequence[Any], delta: chex.Array) -> chex.Array:
-  """‖∂f/∂W‖² at a site :func:`site_kind` names, for one example."""
-  kind = site_kind(site)
-  if kind == "dot_general":
-    return dot_general_sq(site, data[0], delta)
-  if kind == "conv":
-    return conv_sq(site, data[0], delta)
-  return embedding_sq(site, data[0], delta)
+  """‖∂f/∂W‖² at a site :func:`site_kernel` finds a kernel for, for one example."""
+  kernel = site_kernel(site)
+  assert kernel is not None  # the plan routes only such sites here
+  return kernel(site, data[0], delta)
 
 
 def _shared_factors(site: Site, layout: int, data: Sequence[Any],
                     delta: chex.Array):
   """A site's ∂f/∂W as Σ_t r_t c_tᵀ in the 2-D leaf's own axes: (r, c)."""
-  if site_kind(site) == "embedding":
+  if site_kernel(site) is embedding_sq:
     return _embedding_factors(site, data[0], delta)
   xs, ds = dot_general_factors(site, data[0], delta)
   xs, ds = _f32(xs[0]), _f32(ds[0])

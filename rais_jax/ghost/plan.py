@@ -18,16 +18,17 @@ from typing import NamedTuple, Sequence, cast
 
 import jax.extend as jex
 
-from rais_jax.ghost.kernels import dot_general_dims, site_kind
+from rais_jax.ghost.kernels import (dot_general_dims, dot_general_sq, embedding_sq,
+                                    site_kernel)
 from rais_jax.ghost.walker import MAX_UNROLL, Site
 
 
 def _positions(site: Site) -> int:
   """T of a site that qualifies for the shared (tied) Gram form, else 0."""
-  kind = site_kind(site)
-  if kind == "embedding":
+  kernel = site_kernel(site)
+  if kernel is embedding_sq:
     return math.prod(site.eqn.invars[1].aval.shape[:-1])
-  if kind != "dot_general":
+  if kernel is not dot_general_sq:
     return 0
   xc, xb, wc, wb = dot_general_dims(site)
   x = site.eqn.invars[site.data_slots[0]].aval
@@ -65,7 +66,7 @@ def make_plan(sites: Sequence[Site]) -> Plan:
   ghost, shared, covered = [], [], set()
   for leaf_uses in uses.values():
     tags = [sites[s].in_tags[sites[s].param_slots[j]] for s, j in leaf_uses]
-    if not all(t.iso and site_kind(sites[s]) for t, (s, _) in
+    if not all(t.iso and site_kernel(sites[s]) for t, (s, _) in
                zip(tags, leaf_uses)):
       continue
     if len(leaf_uses) == 1:
@@ -75,7 +76,7 @@ def make_plan(sites: Sequence[Site]) -> Plan:
     group = tuple(s for s, _ in leaf_uses)
     layouts = tuple(t.layout for t in tags)
     embedding_ok = all(l == 0 for s, l in zip(group, layouts)
-                       if site_kind(sites[s]) == "embedding")
+                       if site_kernel(sites[s]) is embedding_sq)
     if (None in layouts or len({t.part for t in tags}) > 1 or not embedding_ok
         or not all(_positions(sites[s]) for s in group)):
       continue

@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rais_jax import pt_solver
-from rais_jax.block_sampler import PendingSolve
+from rais_jax.pt import solver as pt_solver
+from rais_jax.pt.snapshot import PendingSolve
 
 
 def solve(*args, max_iters: int):
@@ -184,7 +184,7 @@ class SolveService:
 
 
 class CallbackSolves:
-  """The per-step path's service: (PT) solves for ``io_callback``s.
+  """The per-step path's service: (PT) solves for ``io_callback`` calls.
 
   ``submit`` and ``fetch`` are called from inside the training program with
   the snapshot as NumPy arrays; solves run on a worker thread on the host CPU

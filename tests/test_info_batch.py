@@ -1,5 +1,5 @@
-"""Selective-Backprop and InfoBatch (rais_jax.selection): their rules on
-hand-made problems, and on the fast path."""
+"""InfoBatch (rais_jax.baselines.infobatch): its plans on hand-made
+problems, and on the fast path."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,8 @@ import pytest
 
 import problems
 import rais_jax as rj
-from rais_jax import selection
+from rais_jax.baselines import info_batch as ib
+from rais_jax.baselines import selective as sb
 
 N, M, CLASSES = 240, 16, 4
 
@@ -25,82 +26,16 @@ def _runner(problem, sampler, block_size=4):
                         block_size=block_size)
 
 
-# -- Selective-Backprop -------------------------------------------------------
-
-
-def test_keep_probability_is_the_loss_percentile_to_the_beta():
-  config = rj.selective_backprop(100, batch_size=4, beta=2.0, history_size=10).config
-  history = jnp.asarray([1, 2, 3, 4, 5, 6, 7, 8, np.nan, np.nan], jnp.float32)
-  losses = jnp.asarray([0.5, 2.0, 4.5, 8.0, 100.0, np.nan], jnp.float32)
-  p = selection.keep_probabilities(config, history, losses)
-  np.testing.assert_allclose(p, [0.0, (2 / 8) ** 2, (4 / 8) ** 2, 1.0, 1.0, 0.0])
-  empty = jnp.full((10,), jnp.nan, jnp.float32)
-  np.testing.assert_allclose(selection.keep_probabilities(config, empty, losses[:3]), 1.0)
-
-
-def test_selection_frequencies_and_slots():
-  """Over many draws each candidate is kept with frequency P_j (binomial
-  tolerance), and the m slots hold the first kept candidates in order."""
-  m = 8
-  config = rj.selective_backprop(100, batch_size=m, beta=1.0).config
-  assert config.candidates == 16
-  rng = np.random.default_rng(0)
-  history = jnp.asarray(rng.exponential(1.0, 1024), jnp.float32)
-  losses = jnp.asarray(rng.exponential(1.0, 16), jnp.float32)
-  p = np.asarray(selection.keep_probabilities(config, history, losses))
-  uniforms = jax.random.uniform(jax.random.key(1), (20000, 16))
-  slots, valid = jax.vmap(lambda u: selection.select(config, history, losses, u))(uniforms)
-  kept = np.asarray(uniforms) < p
-  freq = kept.mean(0)
-  # 20000 Bernoulli draws per candidate: 5 standard errors.
-  assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / 20000) + 1e-9)
-  slots, valid = np.asarray(slots), np.asarray(valid)
-  for row in range(50):
-    first = np.flatnonzero(kept[row])[:m]
-    assert valid[row].sum() == len(first)
-    np.testing.assert_array_equal(slots[row][:len(first)], first)
-
-
-def test_selective_backprop_on_the_fast_path(problem):
-  data, _, params, _ = problem
-  runner = _runner(problem, rj.selective_backprop(N, batch_size=M, beta=1.0,
-                                                  history_size=64))
-  state, metrics = runner.run(runner.init(params), jax.random.key(0), data, 40)
-  sb = state.sampler
-  assert int(sb.forwarded) == 40 * 32
-  # At most m per step, and most slots filled (about m kept per step).
-  assert 0.6 * 40 * M < int(sb.backpropagated) <= 40 * M
-  assert np.all(np.isfinite(np.asarray(sb.history)))
-  assert np.isfinite(np.asarray(metrics.loss)).all()
-  ev = rj.evaluate(runner._model_fn, rj.softmax_cross_entropy_head(), state.params, data)
-  ev0 = rj.evaluate(runner._model_fn, rj.softmax_cross_entropy_head(), params, data)
-  assert float(ev["loss"]) < 0.5 * float(ev0["loss"])
-
-
-def test_selective_backprop_survives_broken_examples(problem):
-  """Candidates with a NaN loss are never kept (P = 0), counted, and do not
-  void the steps whose empty slots they would have filled."""
-  data, _, params, _ = problem
-  data = dict(data, x=data["x"].at[:6].set(jnp.nan))
-  runner = _runner(problem, rj.selective_backprop(N, batch_size=M, beta=3.0))
-  state, metrics = runner.run(runner.init(params), jax.random.key(1), data, 40)
-  assert int(state.sampler.nonfinite_losses) > 0
-  assert int(state.skipped_steps) == 0
-  assert np.isfinite(np.asarray(metrics.loss)).all()
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
-
-
 # -- InfoBatch ----------------------------------------------------------------
 
 
 def _planned(scores, *, epoch=1, num_epochs=8, ratio=0.5, seeds=(0,), m=10):
   """InfoBatch's plans of one epoch for each seed (stacked along axis 0)."""
-  config = rj.infobatch(len(scores), batch_size=m, num_epochs=num_epochs,
-                        prune_ratio=ratio).config
-  state = selection.init(config).replace(
+  config = ib.Config(len(scores), m, num_epochs, prune_ratio=ratio)
+  state = ib.init(config).replace(
       scores=jnp.asarray(scores, jnp.float32), epoch=jnp.asarray(epoch, jnp.int32))
   keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-  plans = jax.jit(jax.vmap(lambda k: selection.plan(config, state, k)))(keys)
+  plans = jax.jit(jax.vmap(lambda k: ib.plan(config, state, k)))(keys)
   return jax.tree.map(np.asarray, plans)
 
 
@@ -166,7 +101,7 @@ def test_infobatch_epochs_on_the_fast_path(problem):
   data, _, params, _ = problem
   results = {}
   for k in (1, 4):
-    runner = _runner(problem, rj.infobatch(N, batch_size=M, num_epochs=6), block_size=k)
+    runner = _runner(problem, rj.baselines.infobatch(N, batch_size=M, num_epochs=6), block_size=k)
     state, key, lengths = runner.init(params), jax.random.key(3), []
     for epoch in range(4):
       before = np.asarray(state.sampler.scores)
@@ -191,9 +126,9 @@ def test_bad_arguments():
   for kwargs, message in [(dict(beta=0.0), "beta must be"),
                           (dict(history_size=0), "history_size")]:
     with pytest.raises(ValueError, match=message):
-      rj.selective_backprop(10, batch_size=2, **kwargs)
+      rj.baselines.selective_backprop(10, batch_size=2, **kwargs)
   for kwargs, message in [(dict(num_epochs=0), "num_epochs"),
                           (dict(num_epochs=2, prune_ratio=1.0), "prune_ratio"),
                           (dict(num_epochs=2, anneal=1.5), "anneal")]:
     with pytest.raises(ValueError, match=message):
-      rj.infobatch(10, batch_size=2, **kwargs)
+      rj.baselines.infobatch(10, batch_size=2, **kwargs)

@@ -1,6 +1,6 @@
-"""The point-estimate baselines of rais_jax.block_sampler: naive (last norms)
-and loss (last losses) importance sampling. RAIS's block draws and fold-ins
-are tested in test_runner.py."""
+"""The point-estimate baselines (rais_jax.baselines.point_estimate): naive
+(last norms) and loss (last losses) importance sampling. RAIS's block draws and
+fold-ins are tested in test_runner.py."""
 
 import jax
 import jax.numpy as jnp
@@ -8,25 +8,24 @@ import numpy as np
 import pytest
 
 import rais_jax as rj
-from rais_jax import block_sampler as bs
 from stats_helpers import pooled_chisquare_pvalue
 
-FACTORIES = {"naive": rj.naive_sampler, "loss": rj.loss_sampler}
+FACTORIES = {"naive": rj.baselines.naive_sampler, "loss": rj.baselines.loss_sampler}
 
 
 def _measured_state(kind, n=400, floor=0.05, seed=0):
   """A state after values were measured for the first 60% of the examples
   (one NaN and one negative among them: skipped), and the values."""
-  config = FACTORIES[kind](n, batch_size=16, floor=floor).config
-  state = bs.init(config)
+  smp = FACTORIES[kind](n, batch_size=16, floor=floor)
+  state = smp.init()
   rng = np.random.default_rng(seed)
   seen = int(0.6 * n)
   values = rng.lognormal(0, 1, seen).astype(np.float32)
   values[3], values[7] = np.nan, -1.0
   idx = jnp.arange(seen, dtype=jnp.int32)
-  p = bs.probabilities_at(config, state, idx)
-  sample = bs.Sample(indices=idx, probs=p, weights=1 / (n * p))
-  return config, bs.fold_in(config, state, sample, jnp.asarray(values)), values
+  p = smp.probabilities(state)[idx]
+  sample = rj.Sample(indices=idx, probs=p, weights=1 / (n * p))
+  return smp, smp.fold_in(state, sample, jnp.asarray(values)), values
 
 
 def _expected_p(values, n, floor):
@@ -40,26 +39,26 @@ def _expected_p(values, n, floor):
 
 @pytest.mark.parametrize("kind", ["naive", "loss"])
 def test_probabilities_follow_the_last_values(kind):
-  config, state, values = _measured_state(kind)
-  p = np.asarray(bs.probabilities(config, state), np.float64)
+  smp, state, values = _measured_state(kind)
+  p = np.asarray(smp.probabilities(state), np.float64)
   np.testing.assert_allclose(p, _expected_p(values, 400, 0.05), rtol=1e-5)
   assert abs(p.sum() - 1) < 1e-5
   assert int(state.diagnostics.nonfinite_norms) == 2
   # A newer value replaces the old one.
   idx = jnp.asarray([0, 1], jnp.int32)
-  sample = bs.Sample(indices=idx, probs=jnp.full((2,), 1 / 400), weights=jnp.ones(2))
-  state = bs.fold_in(config, state, sample, jnp.asarray([5.0, 0.0]))
+  sample = rj.Sample(indices=idx, probs=jnp.full((2,), 1 / 400), weights=jnp.ones(2))
+  state = smp.fold_in(state, sample, jnp.asarray([5.0, 0.0]))
   values[:2] = [5.0, 0.0]
-  np.testing.assert_allclose(bs.probabilities(config, state),
+  np.testing.assert_allclose(smp.probabilities(state),
                              _expected_p(values, 400, 0.05), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["naive", "loss"])
 def test_uniform_until_something_is_measured(kind):
-  config = FACTORIES[kind](50, batch_size=4).config
-  state = bs.init(config)
-  np.testing.assert_allclose(bs.probabilities(config, state), np.full(50, 0.02))
-  s = bs.draw(config, state, jax.random.key(0), (3, 4))
+  smp = FACTORIES[kind](50, batch_size=4)
+  state = smp.init()
+  np.testing.assert_allclose(smp.probabilities(state), np.full(50, 0.02))
+  s = smp.draw(state, jax.random.key(0), (3, 4))
   np.testing.assert_allclose(s.weights, 1.0)
 
 
@@ -67,8 +66,8 @@ def test_uniform_until_something_is_measured(kind):
 def test_block_draws_match_the_rule_chi_square(kind):
   """(32, 64) draws per block: frequencies against the rule's p; each draw
   carries its p and its weight 1/(n p)."""
-  config, state, values = _measured_state(kind, seed=1)
-  draw = jax.jit(lambda k: bs.draw(config, state, k, (32, 64)))
+  smp, state, values = _measured_state(kind, seed=1)
+  draw = jax.jit(lambda k: smp.draw(state, k, (32, 64)))
   samples = [draw(k) for k in jax.random.split(jax.random.key(0), 32)]
   idx = np.concatenate([np.asarray(s.indices).ravel() for s in samples])
   p = _expected_p(values, 400, 0.05)
@@ -85,12 +84,12 @@ def test_block_draws_match_the_rule_chi_square(kind):
 def test_importance_weighted_gradient_is_unbiased(kind):
   """The test RAIS passes (test_runner): mean over blocks of
   (1/m) Σ_k w_k g_k equals (1/n) Σ_i g_i, per step of the block."""
-  config, state, _ = _measured_state(kind, n=200, floor=0.1, seed=5)
+  smp, state, _ = _measured_state(kind, n=200, floor=0.1, seed=5)
   grads = jnp.asarray(np.random.default_rng(1).normal(size=(200, 3)), jnp.float32)
   truth = np.asarray(grads.mean(0), np.float64)
 
   def estimate(key):
-    s = bs.draw(config, state, key, (8, 64))
+    s = smp.draw(state, key, (8, 64))
     return jnp.mean(s.weights[..., None] * grads[s.indices], axis=1)
 
   est = np.asarray(jax.jit(jax.vmap(estimate))(
@@ -100,12 +99,11 @@ def test_importance_weighted_gradient_is_unbiased(kind):
   assert np.all(np.abs(mean - truth) < 4.5 * se), (mean, truth, se)
 
 
-def test_factories_reject_bad_input_and_the_per_step_api():
+def test_factories_reject_bad_input():
   with pytest.raises(ValueError, match="floor must lie in"):
-    rj.naive_sampler(10, batch_size=2, floor=0.0)
-  sampler = rj.loss_sampler(10, batch_size=2)
-  with pytest.raises(ValueError, match="fast path only"):
-    sampler.init()
-  with pytest.raises(ValueError, match="make_runner"):
+    rj.baselines.naive_sampler(10, batch_size=2, floor=0.0)
+  # The per-step API serves every method but those that plan whole epochs.
+  with pytest.raises(ValueError, match="run_epoch"):
     rj.make_train_step(lambda p, b: b["x"], rj.softmax_cross_entropy_head(),
-                       rj.rais_sgd(0.1), sampler)
+                       rj.rais_sgd(0.1), rj.baselines.infobatch(
+                           10, batch_size=2, num_epochs=1))

@@ -1,0 +1,220 @@
+"""The fast path's device programs: blocks of K steps, and the period work between them.
+
+A RAIS step on an accelerator is latency-bound: a plain SGD step of a small
+MLP is tens of microseconds on a GPU, and every branch (``lax.cond`` reads its
+predicate back to the host), host callback or chain of small ops after the
+backward pass adds to it. So the fast path reorganises the step:
+
+1. before a block, one tree descent draws the indices of all K steps, (K, m),
+   with their p (the sampler's ``draw``);
+2. the block is one ``lax.scan`` of the one step (:mod:`rais_jax.step`): no
+   ``cond``, no ``while``, no callback in it (tested on the compiled program);
+3. after the block, the K·m measurements are folded into the sampler at once;
+4. at the block boundaries the schedule (:mod:`rais_jax.schedule`) names,
+   separate small programs do the period work: apply a (PT) result that is
+   due, snapshot D for the next solve, refresh the O-SGD oracle. No ``cond``
+   carries the O(n) sampler state (XLA copies a conditional's operands).
+
+Every weight uses the p its index was drawn from, so g_R stays unbiased; the
+features and trees are up to K steps stale. Every function here is pure and
+jit-able; :class:`rais_jax.Runner` compiles and drives them. The block keys
+are ``fold_in(key, step)``, so a run resumed at any block boundary continues
+bit-identically.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from rais_jax import gain_ratio as gain_ratio_lib
+from rais_jax.measure import all_exact_norms, full_gradient
+from rais_jax.pt import handoff
+from rais_jax.pt import service as pt_service
+from rais_jax.pt.snapshot import PendingSolve
+from rais_jax.step import (StepMetrics, StepSpec, TrainState, check_data,
+                           init_train_state, run_block)
+
+PyTree = Any
+
+
+class BlockPrograms:
+  """The pure programs of a fast path (see the module).
+
+  Attributes:
+    spec: the step's :class:`~rais_jax.step.StepSpec`.
+    block_size: K.
+    pt_period, pt_delay: the (PT) schedule in steps (multiples of K; 0 without (PT)).
+    oracle_period: steps between the oracle's refreshes (a multiple of K).
+  """
+
+  def __init__(self, spec: StepSpec, *, block_size: int, oracle_period: int,
+               oracle_chunk_size: int):
+    self.spec, self.sampler = spec, spec.sampler
+    self.block_size = block_size
+    pt = self.sampler.pt
+    self.pt_period: int = 0
+    self.pt_delay: int = 0
+    if pt is not None:
+      self.pt_period, self.pt_delay = pt.in_blocks(block_size)
+    self.oracle_period, self.oracle_chunk = oracle_period, oracle_chunk_size
+
+  def init(self, params: PyTree) -> TrainState:
+    """A fresh state holding a copy of ``params`` (the programs donate it).
+
+    Every leaf is committed to the default device, as the outputs of the
+    compiled programs are: otherwise the first blocks would see a different
+    mix of placements than later ones and compile again mid-run. (Place it
+    elsewhere, e.g. replicated over a mesh, with ``jax.device_put``.)
+    """
+    state = init_train_state(jax.tree.map(jnp.copy, params), self.spec.optimizer,
+                             self.sampler)
+    return jax.device_put(state, jax.local_devices()[0])
+
+  def _chunk_method(self, params: PyTree, data: PyTree, chunk_size: int) -> str:
+    """The norm method for chunks of ``data`` (the oracle, the exact gain ratio)."""
+    return self.spec.method_for(params, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((chunk_size,) + x.shape[1:], x.dtype), data))
+
+  def exact_gain_ratio(self, state: TrainState, data: PyTree, *,
+                       chunk_size: int = 1024) -> gain_ratio_lib.ExactGainRatio:
+    """The true gain ratio at ``state``'s parameters and sampling
+    distribution: exact norms of all n examples and the full gradient (two
+    passes over the data; for analysis, e.g. against the estimate)."""
+    loss_fn, smp = self.spec.loss_fn, self.sampler
+    if smp.probabilities is None:
+      raise ValueError(f"the {smp.name!r} sampler has no sampling distribution.")
+    norms = all_exact_norms(loss_fn, state.params, data, chunk_size=chunk_size,
+                            method=self._chunk_method(state.params, data, chunk_size))
+    grads = full_gradient(loss_fn, state.params, data, chunk_size=chunk_size)
+    return gain_ratio_lib.exact(norms, smp.probabilities(state.sampler),
+                                optax.tree.norm(grads, squared=True), smp.batch_size)
+
+  def draw(self, state: TrainState, key: chex.PRNGKey, *,
+           num_steps: Optional[int] = None) -> Any:
+    """The next block's draw (K steps, or ``num_steps``): a
+    :class:`~rais_jax.Sample` whose ``indices`` (K, m) a loader fetches
+    (:meth:`fed_steps`), or the candidates of a sampler that selects."""
+    k = self.block_size if num_steps is None else num_steps
+    return self.sampler.draw(state.sampler, key, (k, self.sampler.batch_size))
+
+  def steps(self, state: TrainState, key: chex.PRNGKey, data: PyTree, *,
+            num_steps: Optional[int] = None) -> tuple[TrainState, StepMetrics]:
+    """The K steps of a block without the period work: draw, scan, fold in
+    (``num_steps``, static, default K, sets the block's length)."""
+    check_data(data, self.sampler.num_examples)
+    m = self.sampler.batch_size
+    self.spec.check(state.params, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), data))
+    drawn = self.draw(state, key, num_steps=num_steps)
+    return run_block(self.spec, state, data, drawn, drawn)
+
+  def blocks(self, state: TrainState, key: chex.PRNGKey, data: PyTree, *,
+             num_blocks: int, num_steps: Optional[int] = None
+             ) -> tuple[TrainState, StepMetrics]:
+    """``num_blocks`` blocks of :meth:`steps` in one program (a scan over
+    blocks), block b with key ``fold_in(key, step)`` at its first step: what
+    the runner dispatches between two breaks. Metrics are concatenated."""
+    def block(state, _):
+      return self.steps(state, jax.random.fold_in(key, state.step), data,
+                        num_steps=num_steps)
+    state, metrics = jax.lax.scan(block, state, None, length=num_blocks)
+    return state, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), metrics)
+
+  def fed_steps(self, state: TrainState, drawn: Any, batches: PyTree
+                ) -> tuple[TrainState, StepMetrics]:
+    """The steps of a block on batches the caller loaded: ``batches`` has
+    leading axes (K, m) and holds the examples at ``drawn.indices`` (from
+    :meth:`draw`), e.g. read from a NumPy memmap on the host."""
+    if self.sampler.needs_all_data:
+      raise ValueError(needs_all_data(self.sampler.name))
+    k, m = drawn.indices.shape
+    for leaf in jax.tree.leaves(batches):
+      if leaf.shape[:2] != (k, m):
+        raise ValueError(f"batches must have leading axes (K, m) = {(k, m)}, "
+                         f"those of drawn.indices; got {leaf.shape}.")
+    self.spec.check(state.params, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batches))
+    return run_block(self.spec, state, None, drawn, (drawn, batches))
+
+  def refresh(self, state: TrainState, data: PyTree) -> TrainState:
+    """The oracle: the exact norms of all n examples, handed to ``refresh``."""
+    assert self.sampler.refresh is not None
+    norms = all_exact_norms(
+        self.spec.loss_fn, state.params, data, chunk_size=self.oracle_chunk,
+        method=self._chunk_method(state.params, data, self.oracle_chunk))
+    return state.replace(sampler=self.sampler.refresh(state.sampler, norms))
+
+  def plan(self, state: TrainState, key: chex.PRNGKey) -> TrainState:
+    """The next epoch's plan, for samplers that plan epochs."""
+    assert self.sampler.plan_epoch is not None
+    return state.replace(sampler=self.sampler.plan_epoch(state.sampler, key))
+
+  def deliver(self, state: TrainState, solved: Optional[tuple] = None
+              ) -> TrainState:
+    """Applies the (PT) result due now (``solved``; None solves in-graph)."""
+    pt = self.sampler.pt
+    if solved is None:
+      solved = pt.solve(state.sampler.pending)
+    return state.replace(sampler=pt.deliver(state.sampler, solved))
+
+  def submit(self, state: TrainState) -> TrainState:
+    """Snapshots D for (PT), due ``pt_delay`` steps from now, if D is full."""
+    return state.replace(sampler=self.sampler.pt.take_if_full(
+        state.sampler, state.step + self.pt_delay))
+
+  def snapshot(self, state: TrainState
+               ) -> tuple[TrainState, tuple[PendingSolve, chex.Array]]:
+    """:meth:`submit`, and the snapshot it holds with its fingerprint as
+    separate buffers: the next block donates the state, not these, so the
+    host can read them while that block runs."""
+    state = self.submit(state)
+    pending = state.sampler.pending
+    return state, (pending, pt_service.fingerprint(pending))
+
+  def deliver_and_snapshot(self, state: TrainState, solved: tuple
+                           ) -> tuple[TrainState, tuple[PendingSolve, chex.Array]]:
+    """:meth:`deliver` then :meth:`snapshot`, one program: with the default
+    delay every period boundary does both."""
+    return self.snapshot(self.deliver(state, solved))
+
+  def header(self, state: TrainState) -> chex.Array:
+    return handoff.header(state, with_pt=self.sampler.pt is not None)
+
+  def refresh_due(self, step: Any) -> Any:
+    return step % self.oracle_period == 0
+
+  def block(self, state: TrainState, key: chex.PRNGKey, data: PyTree,
+            solved: Optional[tuple] = None) -> tuple[TrainState, StepMetrics]:
+    """A whole block with its period work as ``lax.cond``: what the runner
+    does for one block, in one pure function, e.g. to ``lax.scan`` over
+    blocks in a single program (then pass no ``solved``: (PT) is solved
+    in-graph).
+
+    Args:
+      state: a :class:`~rais_jax.TrainState` at a block boundary.
+      key: this block's key (the runner uses ``fold_in(key, step)``).
+      data: the training set, leading axis n, on device.
+      solved: the (c, d, info) of the (PT) solve due at the end of this
+        block; None solves it in-graph.
+    """
+    if self.sampler.refresh is not None:
+      state = jax.lax.cond(self.refresh_due(state.step),
+                           lambda s: self.refresh(s, data), lambda s: s, state)
+    state, metrics = self.steps(state, key, data)
+    if self.sampler.pt is not None:
+      state = jax.lax.cond(state.sampler.pending.due == state.step,
+                           lambda s: self.deliver(s, solved), lambda s: s, state)
+      state = jax.lax.cond(state.step % self.pt_period == 0, self.submit,
+                           lambda s: s, state)
+    return state, metrics
+
+
+def needs_all_data(name: str) -> str:
+  return (f"the {name!r} sampler reads the whole training set on device (all n "
+          "examples, or candidates drawn inside the step): pass the data as "
+          "arrays, not a loader.")
