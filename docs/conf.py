@@ -8,7 +8,10 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",  # Google-style "Args:" / "Returns:" sections
     "sphinx.ext.mathjax",
+    "myst_parser",  # the user guide, results and contributing pages are Markdown
 ]
+myst_heading_anchors = 3
+suppress_warnings = ["myst.xref_missing"]
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"  # the signatures show them; jax's aliases do not resolve
 napoleon_google_docstring = True

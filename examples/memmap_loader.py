@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     head = rj.softmax_cross_entropy_head()
     sampler = rj.rais_sampler(rj.default_features(labels, 10), batch_size=m)
     # K: divides an epoch, at most 25 and half a (PT) period (see make_runner).
-    limit = min(25, max(1, sampler.config.pt_period // 2))
+    limit = min(25, max(1, sampler.pt.period // 2))
     k = max(d for d in range(1, limit + 1) if steps % d == 0)
     runner = rj.make_runner(model_fn, head, rj.rais_sgd(0.05, momentum=0.9),
                             sampler, block_size=k)
