@@ -82,8 +82,8 @@ def main(argv=None):
     state = runner.init(params)
     state, _ = runner.run(state, jax.random.key(1), data, 2 * period)  # fitted
     key = jax.random.key(2)
-    one = runner._jitted["blocks"]  # pylint: disable=protected-access
-    each = jax.jit(runner.steps, donate_argnums=0)
+    one = runner.compiled.blocks
+    each = jax.jit(runner.programs.steps, donate_argnums=0)
 
     def per_block(s, each=each):
       for kk in keys:

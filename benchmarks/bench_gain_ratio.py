@@ -52,8 +52,8 @@ def run_seed(args, seed: int, raw, classes: int) -> list[dict]:
   kw = {} if args.ema_rate is None else {"ema_rate": args.ema_rate}
   sampler = rj.rais_sampler(rj.default_features(raw["y_train"], classes), batch_size=m,
                             **kw)
-  args.ema_rate = sampler.config.ema_rate
-  k = compare.block_size(steps_per_epoch, min(32, sampler.config.pt_period // 2))
+  args.ema_rate = sampler.ema_rate
+  k = compare.block_size(steps_per_epoch, min(32, sampler.pt.period // 2))
   every = k * max(1, args.every // k)
   optimizer = rj.rais_sgd(compare.schedule(config, args.epochs * steps_per_epoch),
                           momentum=0.9)

@@ -24,7 +24,7 @@ import numpy as np
 from scipy import optimize
 
 import rais_jax as rj
-from rais_jax import pt_service
+from rais_jax.pt import service as pt_service
 from rais_jax.experiments import compare
 
 from common import time_call, write  # pylint: disable=g-bad-import-order

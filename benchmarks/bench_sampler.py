@@ -6,7 +6,7 @@ One "step" is what RAIS does per training step outside the model: draw m
 indices with their probabilities, then update the sampled examples' features
 and sum-tree leaves (``Sampler.sample`` + ``Sampler.update``, the per-step
 path). The fast path's column is the same work done once per block of K steps
-(``block_sampler.draw`` of K·m indices + ``block_sampler.fold_in`` of K·m
+(``Sampler.draw`` of K·m indices + ``Sampler.fold_in`` of K·m
 measurements), divided by K. The reference
 draws the same m indices with ``jax.random.choice(p=...)`` over the O(n)
 probability vector, which changes at the sampled entries every step (as RAIS's
@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import rais_jax as rj
-from rais_jax import block_sampler as bs
 
 from common import carried, interleaved_medians, write  # pylint: disable=g-bad-import-order
 
@@ -53,7 +52,7 @@ def main(argv=None):
 
     def body(st, key):
       s = sampler.sample(st, key)
-      st = sampler.update(st, s, s.probs * n, grad_sq_norm=jnp.float32(1.0))
+      st = sampler.fold_in(st, s, s.probs * n)
       return st, None
 
     # The state is donated and carried from run to run, as in a training loop
@@ -68,18 +67,16 @@ def main(argv=None):
 
     choice_run = jax.jit(lambda p: jax.lax.scan(choice_body, p, keys)[0],
                          donate_argnums=0)
-    config, block = sampler.config, args.block_size
+    block = args.block_size
 
     def block_body(st, key):
-      drawn = bs.draw(config, st, key, (block, m))
-      return bs.fold_in(config, st, drawn, drawn.probs * n), None
+      drawn = sampler.draw(st, key, (block, m))
+      return sampler.fold_in(st, drawn, drawn.probs * n), None
 
     block_keys = keys[:max(1, k // block)]
     block_run = jax.jit(lambda st: jax.lax.scan(block_body, st, block_keys)[0],
                         donate_argnums=0)
-    robust = bs.RobustState(**{f: getattr(state, f) for f in (
-        "features", "trees", "totals", "c", "d", "fitted", "records", "pending",
-        "diagnostics")})
+    robust = state
     t = interleaved_medians(
         {"tree": carried(tree_run, state),
          "choice": carried(choice_run, sampler.probabilities(state)),

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 import rais_jax as rj
-from rais_jax import pt_solver
+from rais_jax.pt import solver as pt_solver
 from rais_jax.experiments.models import MLP, functional
 
 from common import write  # pylint: disable=g-bad-import-order
@@ -144,28 +144,37 @@ def soak_sampler(args) -> None:
                      jnp.float32)
   sampler = rj.rais_sampler(rj.default_features(labels, 10), batch_size=m)
 
-  def body(state, key):
+  def body(carry, key):
+    # The per-step sampler work of make_train_step: draw, fold in, the
+    # gain-ratio moments, the (PT) hand-off.
+    state, moments, step = carry
     k_sample, k_noise, k_fault, k_kind = jax.random.split(key, 4)
     s = sampler.sample(state, k_sample)
     u = true[s.indices] * jax.random.uniform(k_noise, (m,), minval=0.8, maxval=1.2)
     fault = jax.random.uniform(k_fault, (m,)) < args.nan_rate
     bad = jnp.array([jnp.nan, jnp.inf, -1.0])[jax.random.randint(k_kind, (m,), 0, 3)]
     u = jnp.where(fault, bad, u)
-    state = sampler.update(state, s, u, grad_sq_norm=jnp.float32(1.0))
-    return state, (fault.sum(), sampler.gain_ratio(state), s.probs.min())
+    state = sampler.fold_in(state, s, u)
+    moments = rj.gain_ratio.update(moments, u, s.probs, n, jnp.float32(1.0),
+                                   alpha=sampler.ema_rate)
+    state = rj.pt.periodic.advance(sampler.pt, state, step + 1)
+    r = rj.gain_ratio.estimate(moments, m, r_max=sampler.r_max)
+    return (state, moments, step + 1), (fault.sum(), r, s.probs.min())
 
   run = jax.jit(lambda s, k: jax.lax.scan(body, s, k), donate_argnums=0)
-  state = sampler.init()
+  start_carry = lambda: (sampler.init(), rj.gain_ratio.init(), jnp.zeros((), jnp.int32))
+  carry = start_carry()
   keys = jax.random.split(jax.random.key(1), args.steps).reshape(-1, chunk)
-  jax.block_until_ready(run(sampler.init(), keys[0]))  # compile
+  jax.block_until_ready(run(start_carry(), keys[0]))  # compile
   injected, r_min, r_max, p_min = 0, np.inf, -np.inf, np.inf
   start = time.perf_counter()
   for chunk_keys in keys:
-    state, (faults, r, pmin) = run(state, chunk_keys)
+    carry, (faults, r, pmin) = run(carry, chunk_keys)
     injected += int(faults.sum())
     r_min, r_max = min(r_min, float(r.min())), max(r_max, float(r.max()))
     p_min = min(p_min, float(pmin.min()))
-  jax.block_until_ready(state)
+  jax.block_until_ready(carry)
+  state = carry[0]
   seconds = time.perf_counter() - start
   finite = _finite(state)
   probs = sampler.probabilities(state)

@@ -82,7 +82,7 @@ def main(argv=None):
     runner = rj.make_runner(model_fn, head, rj.rais_sgd(0.01, momentum=0.9),
                             sampler, norms=norms, block_size=k)
     state = runner.init(params)
-    if sampler.config.kind == "rais":
+    if sampler.pt is not None:
       # Start fitted (two periods in), so every timed step samples from the trees.
       state, _ = runner.run(state, jax.random.key(1), data, 2 * steps)
       assert bool(state.sampler.fitted)
@@ -100,7 +100,7 @@ def main(argv=None):
       run = jax.jit(lambda s, d, ks, step=step: jax.lax.scan(
           lambda c, kk: step(c, kk, d), s, ks)[0], donate_argnums=0)
       state = rj.init_train_state(copy(params), opt, sampler)
-      if sampler.config.kind == "rais":
+      if sampler.pt is not None:
         state = run(run(state, data, call_keys), data, call_keys)
       variants[name] = carried(lambda s, run=run: run(s, data, call_keys), state)
 

@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import optax
 
 import rais_jax as rj
-from rais_jax import (block_sampler, gain_ratio, records, runner as runner_lib,
-                      sum_tree, train)
+from rais_jax import gain_ratio, measure, records, step as step_lib, sum_tree
 
 from common import (carried, interleaved_medians,  # pylint: disable=g-bad-import-order
                     parse_mlp_arguments, synthetic_mlp_problem, write)
@@ -45,27 +44,29 @@ def _replaced(module, name: str, replacement) -> Iterator[None]:
     setattr(module, name, original)
 
 
-def _uniform_draw(config, state, key, shape):
-  n = config.num_examples
+def _uniform_draw(n, state, key, shape):
+  del state
   idx = jax.random.randint(key, shape, 0, n, jnp.int32)
-  return block_sampler.Sample(indices=idx, probs=jnp.full(shape, 1.0 / n),
-                              weights=jnp.ones(shape))
+  return rj.Sample(indices=idx, probs=jnp.full(shape, 1.0 / n),
+                   weights=jnp.ones(shape))
 
 
 def _plain_gradient(model_fn, loss_head, params, batch, weights, **_):
   """The gradient without per-example norms (all set to 1)."""
-  grads, u, inner, losses = train.measured_gradient(
+  grads, u, inner, losses = measure.measured_gradient(
       model_fn, loss_head, params, batch, weights, norms=None)
   return grads, jnp.ones_like(u), inner, losses
 
 
-# What each variant leaves out: (module, attribute, replacement).
+# What each variant leaves out: (module, attribute, replacement), or a
+# (sampler field, replacement) of the RAIS sampler (a value: its functions are
+# bound when it is built, so they are replaced on it, not in their module).
 _LEFT_OUT = {
-    "without the fold-in": (block_sampler, "fold_in", lambda cfg, s, *_: s),
+    "without the fold-in": ("fold_in", lambda s, *_: s),
     "without the D push": (records, "push", lambda rec, *_: rec),
     "without the tree update": (sum_tree, "update_many", lambda tree, *_: tree),
-    "without the tree draw": (block_sampler, "draw", _uniform_draw),
-    "without the ghost norms": (runner_lib, "measured_gradient", _plain_gradient),
+    "without the tree draw": ("draw", None),  # uniform, filled in with n
+    "without the ghost norms": (step_lib, "measured_gradient", _plain_gradient),
     "without ‖g‖²": (optax.tree, "norm",
                      lambda tree, squared=False: jnp.ones((), jnp.float32)),
     "without the gain-ratio moments": (gain_ratio, "update",
@@ -89,7 +90,7 @@ def main(argv=None):
 
   def block_variant(runner, state, patch=None):
     """``blocks`` bare blocks per call, traced with ``patch`` in place."""
-    steps = jax.jit(runner.steps, donate_argnums=0)
+    steps = jax.jit(runner.programs.steps, donate_argnums=0)
     with _replaced(*patch) if patch else contextlib.nullcontext():
       state, _ = steps(state, jax.random.key(0), data)  # traced while patched
 
@@ -106,7 +107,13 @@ def main(argv=None):
   whole = rj.make_runner(model_fn, head, opt(), rais("sync"), block_size=k)
   variants["RAIS block"] = block_variant(whole, copy(fitted))
   for label, patch in _LEFT_OUT.items():
-    runner = rj.make_runner(model_fn, head, opt(), rais("sync"), block_size=k)
+    sampler = rais("sync")
+    if len(patch) == 2:  # a field of the sampler
+      field, replacement = patch
+      if field == "draw":
+        replacement = lambda st, key, shape: _uniform_draw(n, st, key, shape)
+      sampler, patch = sampler._replace(**{field: replacement}), None
+    runner = rj.make_runner(model_fn, head, opt(), sampler, block_size=k)
     variants[f"RAIS block {label}"] = block_variant(runner, copy(fitted), patch)
   for mode in ("async", "sync"):
     runner = rj.make_runner(model_fn, head, opt(), rais(mode), block_size=k)
