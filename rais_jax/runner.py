@@ -4,8 +4,8 @@
 (:mod:`rais_jax.step`), its block programs (:mod:`rais_jax.programs`) and the
 static schedule of breaks (:mod:`rais_jax.schedule`). :meth:`Runner.run`
 issues the programs the schedule names (the blocks between two breaks are
-one program, since on a GPU every program the host issues costs ~0.1–0.5 ms of
-its time) and, at each break, the period work: the oracle's refresh, and the
+one program, since every program the host issues costs the host time that a
+small step on an accelerator does not hide) and, at each break, the period work: the oracle's refresh, and the
 (PT) hand-off through :class:`rais_jax.pt.handoff.HostHandoff` (each snapshot
 solved on the host CPU while training goes on; with ``pt_mode="sync"`` the
 service waits for each solve; the two give bit-identical runs).
@@ -64,8 +64,7 @@ class Compiled(NamedTuple):
         deliver=donated(programs.deliver), snapshot=donated(programs.snapshot),
         deliver_and_snapshot=donated(programs.deliver_and_snapshot),
         header=jax.jit(programs.header),
-        # One program, not eager concatenations (a dispatch per field,
-        # ~0.1–0.5 ms each on a GPU's host).
+        # One program, not eager concatenations (a dispatch per field).
         concat=jax.jit(lambda parts: jax.tree.map(lambda *x: jnp.concatenate(x),
                                                   *parts)))
 

@@ -62,9 +62,8 @@ def _child_sums(groups: chex.Array) -> chex.Array:
   """(..., w, B) → (..., w): the sums of each group of B children.
 
   A matrix-vector product with ones rather than ``.sum(-1)``: XLA:CPU's
-  reduction over a minor axis of 8 was 15x slower (113 vs 7.5 µs for
-  3 x 4096 nodes; a dense update of the three stacked trees at n = 8000,
-  1600 leaves: 0.18 → 0.11 ms). Full float32 (GPUs would otherwise round
+  reduction over a minor axis as short as B is much slower than a dot (the
+  CHANGELOG has the measurement). Full float32 (GPUs would otherwise round
   through TF32). Every internal node is summed by this one function.
   """
   return jnp.matmul(groups, jnp.ones(groups.shape[-1:], groups.dtype),

@@ -15,6 +15,7 @@ wrapped in ``jax.jit`` or driven by ``jax.lax.scan``. The fast path
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import chex
@@ -24,8 +25,7 @@ import optax
 from rais_jax.measure import LossHead, ModelFn, all_exact_norms
 from rais_jax.pt import periodic
 from rais_jax.sampler import Sampler
-from rais_jax.step import (StepMetrics, StepSpec, TrainState, check_data,
-                           init_train_state, train_step)
+from rais_jax.step import StepMetrics, StepSpec, TrainState, check_data, train_step
 
 PyTree = Any
 
@@ -92,40 +92,42 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
         "inside a multi-device computation deadlocks (its host callback waits "
         "for a solve that cannot run while the devices wait for it). Build "
         "the sampler with rais_sampler(..., pt_mode='sync').")
-  m = sampler.batch_size
-  oracle_period = 1 if oracle_period is None else oracle_period
-  oracle_chunk = m if oracle_chunk_size is None else oracle_chunk_size
+  return functools.partial(
+      per_step, spec, 1 if oracle_period is None else oracle_period,
+      sampler.batch_size if oracle_chunk_size is None else oracle_chunk_size)
 
-  def refresh_oracle(sampler_state: PyTree, params: PyTree, data: PyTree) -> PyTree:
-    assert sampler.refresh is not None
-    return sampler.refresh(sampler_state, all_exact_norms(
-        spec.loss_fn, params, data, chunk_size=oracle_chunk, method=exact_method))
 
-  def step(state: TrainState, key: chex.PRNGKey, data: PyTree
-           ) -> tuple[TrainState, StepMetrics]:
-    check_data(data, sampler.num_examples)
-    spec.check(state.params, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), data))
-    sampler_state = state.sampler
-    if sampler.refresh is not None:
-      sampler_state = jax.lax.cond(
-          state.step % oracle_period == 0,
-          lambda s: refresh_oracle(s, state.params, data), lambda s: s,
-          sampler_state)
-    drawn = sampler.sample(sampler_state, key)
-    chooser = sampler_state if sampler.select is not None else None
-    carry = (state.params, state.opt_state, state.moments, state.skipped_steps,
-             chooser)
-    carry, (measured, metrics) = train_step(
-        spec, data, sampler_state, carry, drawn, guarded=True, measure_grad=True)
-    params, opt_state, moments, skipped, chooser = carry
-    if chooser is not None:
-      sampler_state = chooser
-    sampler_state = sampler.fold_in(sampler_state, drawn, measured)
-    new_step = state.step + 1
-    if sampler.pt is not None:
-      sampler_state = periodic.advance(sampler.pt, sampler_state, new_step)
-    return TrainState(params=params, opt_state=opt_state, sampler=sampler_state,
-                      moments=moments, step=new_step, skipped_steps=skipped), metrics
-
-  return step
+def per_step(spec: StepSpec, oracle_period: int, oracle_chunk: int,
+             state: TrainState, key: chex.PRNGKey, data: PyTree
+             ) -> tuple[TrainState, StepMetrics]:
+  """One step of the per-step API: the oracle's refresh when due (``cond``),
+  the draw of m indices, the one guarded step, the fold-in, the (PT)
+  hand-off (:func:`rais_jax.pt.periodic.advance`)."""
+  sampler, m = spec.sampler, spec.sampler.batch_size
+  check_data(data, sampler.num_examples)
+  spec.check(state.params, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), data))
+  sampler_state = state.sampler
+  if sampler.refresh is not None:
+    refresh = sampler.refresh
+    sampler_state = jax.lax.cond(
+        state.step % oracle_period == 0,
+        lambda s: refresh(s, all_exact_norms(
+            spec.loss_fn, state.params, data, chunk_size=oracle_chunk,
+            method=spec.exact_method)),
+        lambda s: s, sampler_state)
+  drawn = sampler.sample(sampler_state, key)
+  chooser = sampler_state if sampler.select is not None else None
+  carry = (state.params, state.opt_state, state.moments, state.skipped_steps,
+           chooser)
+  carry, (measured, metrics) = train_step(
+      spec, data, sampler_state, carry, drawn, guarded=True, measure_grad=True)
+  params, opt_state, moments, skipped, chooser = carry
+  if chooser is not None:
+    sampler_state = chooser
+  sampler_state = sampler.fold_in(sampler_state, drawn, measured)
+  new_step = state.step + 1
+  if sampler.pt is not None:
+    sampler_state = periodic.advance(sampler.pt, sampler_state, new_step)
+  return TrainState(params=params, opt_state=opt_state, sampler=sampler_state,
+                    moments=moments, step=new_step, skipped_steps=skipped), metrics

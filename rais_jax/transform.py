@@ -42,7 +42,7 @@ def scale_by_gain_ratio(
   The gain ratio is the keyword extra argument ``gain_ratio`` of ``update``
   (default 1, i.e. plain SGD). ``schedule_advance`` (default: r) sets how far
   τ moves instead, without changing the step size: InfoBatch
-  (:mod:`rais_jax.selection`) passes (n/m)/s in an epoch pruned to s steps, so
+  (:mod:`rais_jax.baselines.info_batch`) passes (n/m)/s in an epoch pruned to s steps, so
   that its schedule stays indexed by data epochs.
 
   Args:

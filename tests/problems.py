@@ -84,3 +84,10 @@ def synthetic_step(sampler, carry, key, norms_fn, grad_sq_norm=1.0, inner=None):
 
 def synthetic_start(sampler):
   return sampler.init(), rj.gain_ratio.init(), jnp.zeros((), jnp.int32)
+
+
+def baseline_runner(model_fn, sampler, block_size=4):
+  """A fast-path runner for a method that measures no norms (SGD + momentum)."""
+  return rj.make_runner(model_fn, rj.softmax_cross_entropy_head(),
+                        rj.rais_sgd(0.05, momentum=0.9), sampler, norms=None,
+                        block_size=block_size)

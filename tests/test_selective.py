@@ -8,7 +8,6 @@ import pytest
 
 import problems
 import rais_jax as rj
-from rais_jax.baselines import info_batch as ib
 from rais_jax.baselines import selective as sb
 
 N, M, CLASSES = 240, 16, 4
@@ -20,10 +19,7 @@ def problem():
 
 
 def _runner(problem, sampler, block_size=4):
-  _, model_fn, _, _ = problem
-  return rj.make_runner(model_fn, rj.softmax_cross_entropy_head(),
-                        rj.rais_sgd(0.05, momentum=0.9), sampler, norms=None,
-                        block_size=block_size)
+  return problems.baseline_runner(problem[1], sampler, block_size)
 
 
 # -- Selective-Backprop -------------------------------------------------------

@@ -23,6 +23,8 @@ def test_round_to_tf32_keeps_ten_mantissa_bits():
 def test_default_precision_dots_and_convolutions_round_inside_only(request):
   if request.config.getoption("--emulate-tf32"):
     pytest.skip("compares with exact dots outside the emulation")
+  if jax.default_backend() != "cpu":  # (failed on the H200: dots there are not CPU's)
+    pytest.skip("the emulation replaces the CPU lowering rules; a GPU runs TF32 itself")
   a, b = (jax.random.normal(jax.random.key(i), (128, 128)) for i in (1, 2))
   img = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
   kernel = jax.random.normal(jax.random.key(4), (3, 3, 3, 4))

@@ -255,7 +255,7 @@ class MethodRunner:
       # Compile before the clock starts: every program of the run (the
       # block, the (PT) delivery and submission, the solver), then one
       # epoch whose result is dropped (compiling alone left the first timed
-      # epoch ~40 ms slower on MNIST-1D).
+      # epoch measurably slower).
       self.runner.warm_up(params, self.train)
       jax.block_until_ready(self.runner.run_epoch(self.runner.init(params), key,
                                                   self.train))
@@ -267,8 +267,8 @@ class MethodRunner:
     # disable=None: a bar on a terminal only, never in a log file.
     bar = tqdm(range(1, epochs + 1), desc=f"{self.method} seed {seed}",
                leave=False, disable=True if quiet else None)
-    # τ is read between epochs, off the clock (each host read costs ~1 ms
-    # on the CPU).
+    # τ is read between epochs, off the clock (each host read waits for the
+    # device).
     tau = self._tau(state)
     for _ in bar:
       start = time.perf_counter()

@@ -70,43 +70,11 @@ def value_grad_and_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],
   batched = batched_lib.batched_trace(loss_fn, p_def, b_def, p_leaves, b_leaves, sites,
                            arg_tags)
   if batched is not None:
-    # The user's own batched graph with the perturbations added: XLA compiles
-    # it as it compiles the plain gradient (the vmap of the one-example trace
-    # below adds a size-1 axis to every layer, and ~18 % to a small MLP's
-    # backward pass on CPU).
-    bjaxpr, bconsts, bsites, data_axes, out_axes = batched
-
-    def forward_batched(pl, perts):
-      walker = Walker("forward", perts)
-      (loss,), _ = walker.run(bjaxpr, bconsts, [*pl, *b_leaves],
-                              [CONST] * len(bconsts), arg_tags)
-      return loss, (walker.data_operands, walker.fixed_operands)
-
-    perts = [[jnp.zeros(v.aval.shape, v.aval.dtype) if keep else None
-              for v, keep in zip(bsite.eqn.outvars, site.perturbed)]
-             for site, bsite in zip(sites, bsites)]
-    losses, backward, (data_ops, fixed_ops) = jax.vjp(
-        forward_batched, p_leaves, perts, has_aux=True)
-    grad_leaves, deltas = backward(weights.astype(losses.dtype))
-    # Per example, in the layout of the one-example trace: (m,) + its shape.
-    data_ops = [[batched_lib.to_examples(x, a) for x, a in zip(ops, axes)]
-                for ops, axes in zip(data_ops, data_axes)]
-    deltas = [[None if d is None else batched_lib.to_examples(d, a) for d, a in zip(ds, axes)]
-              for ds, axes in zip(deltas, out_axes)]
+    passed = _backward_batched(batched, sites, p_leaves, b_leaves, arg_tags, weights)
   else:
-    def forward(pl, perts, bl):
-      walker = Walker("forward", perts)
-      (loss,), _ = walker.run(jaxpr, consts, [*pl, *(x[None] for x in bl)],
-                              const_tags, arg_tags)
-      return loss, (walker.data_operands, walker.fixed_operands)
-
-    perts = [[jnp.zeros((m,) + v.aval.shape, v.aval.dtype) if keep else None
-              for v, keep in zip(site.eqn.outvars, site.perturbed)]
-             for site in sites]
-    vmapped = jax.vmap(forward, in_axes=(None, 0, 0), out_axes=(0, (0, None)))
-    losses, backward, (data_ops, fixed_ops) = jax.vjp(
-        lambda pl, pt: vmapped(pl, pt, b_leaves), p_leaves, perts, has_aux=True)
-    grad_leaves, deltas = backward(weights.astype(losses.dtype))
+    passed = _backward_vmapped(jaxpr, consts, const_tags, arg_tags, sites, m,
+                               p_leaves, b_leaves, weights)
+  losses, grad_leaves, data_ops, fixed_ops, deltas = passed
 
   def site_params(pl):
     walker = Walker("param")
@@ -126,3 +94,53 @@ def value_grad_and_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],
                           fixed_ops, deltas)
   norms = jnp.sqrt(sq) / jnp.abs(weights).astype(jnp.float32)
   return losses, jax.tree.unflatten(p_def, grad_leaves), norms
+
+
+def _backward_batched(batched, sites, p_leaves, b_leaves, arg_tags, weights):
+  """The user's own batched graph with the perturbations added: XLA compiles
+  it as it compiles the plain gradient (the vmap of the one-example trace,
+  :func:`_backward_vmapped`, adds a size-1 axis to every layer, and ~18 % to a
+  small MLP's backward pass on CPU). Returns (losses, gradient leaves, data
+  operands, fixed operands, deltas), per example in the layout of the
+  one-example trace."""
+  bjaxpr, bconsts, bsites, data_axes, out_axes = batched
+
+  def forward_batched(pl, perts):
+    walker = Walker("forward", perts)
+    (loss,), _ = walker.run(bjaxpr, bconsts, [*pl, *b_leaves],
+                            [CONST] * len(bconsts), arg_tags)
+    return loss, (walker.data_operands, walker.fixed_operands)
+
+  perts = [[jnp.zeros(v.aval.shape, v.aval.dtype) if keep else None
+            for v, keep in zip(bsite.eqn.outvars, site.perturbed)]
+           for site, bsite in zip(sites, bsites)]
+  losses, backward, (data_ops, fixed_ops) = jax.vjp(
+      forward_batched, p_leaves, perts, has_aux=True)
+  grad_leaves, deltas = backward(weights.astype(losses.dtype))
+  # Per example, in the layout of the one-example trace: (m,) + its shape.
+  data_ops = [[batched_lib.to_examples(x, a) for x, a in zip(ops, axes)]
+              for ops, axes in zip(data_ops, data_axes)]
+  deltas = [[None if d is None else batched_lib.to_examples(d, a) for d, a in zip(ds, axes)]
+            for ds, axes in zip(deltas, out_axes)]
+  return losses, grad_leaves, data_ops, fixed_ops, deltas
+
+
+def _backward_vmapped(jaxpr, consts, const_tags, arg_tags, sites, m, p_leaves,
+                      b_leaves, weights):
+  """The one-example trace with its perturbations, vmapped over the batch
+  (where the batched graph could not be traced); returns what
+  :func:`_backward_batched` does."""
+  def forward(pl, perts, bl):
+    walker = Walker("forward", perts)
+    (loss,), _ = walker.run(jaxpr, consts, [*pl, *(x[None] for x in bl)],
+                            const_tags, arg_tags)
+    return loss, (walker.data_operands, walker.fixed_operands)
+
+  perts = [[jnp.zeros((m,) + v.aval.shape, v.aval.dtype) if keep else None
+            for v, keep in zip(site.eqn.outvars, site.perturbed)]
+           for site in sites]
+  vmapped = jax.vmap(forward, in_axes=(None, 0, 0), out_axes=(0, (0, None)))
+  losses, backward, (data_ops, fixed_ops) = jax.vjp(
+      lambda pl, pt: vmapped(pl, pt, b_leaves), p_leaves, perts, has_aux=True)
+  grad_leaves, deltas = backward(weights.astype(losses.dtype))
+  return losses, grad_leaves, data_ops, fixed_ops, deltas

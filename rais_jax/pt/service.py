@@ -123,8 +123,8 @@ class SolveService:
     the state's buffers (over a 4-device mesh, device_put(...,
     may_alias=False) of a replicated array still handed the solve a buffer
     that the next block then deleted). One ``device_get`` for everything:
-    on the CPU each separate host read cost ~1 ms of wall-clock in a
-    training loop (its own wait and a slower next dispatch).
+    each separate host read costs a wait of its own and slows the next
+    dispatch.
     """
     args = pending.solve_args()
     fp, *host = jax.device_get([local(a) for a in (fingerprint_, *args, *more)])
