@@ -129,7 +129,7 @@ def main(argv=None):
     start = time.perf_counter()
     ref_obj, ref_ok = scipy_reference(f, v, pr, s)
     ref_s = time.perf_counter() - start
-    g = float(rj.pt_constraint(c, d, f, v, pr))
+    g = float(rj.pt.pt_constraint(c, d, f, v, pr))
     rows.append({
         "buffer size": records, "d_R": f.shape[1], "cold solve (s)": cold_s,
         "cold iters": int(info.iterations), "warm solve (s)": warm_s,
