@@ -18,8 +18,8 @@ from rais_jax.runner import Runner, make_runner
 from rais_jax.sampler import Sample, Sampler, uniform_sampler
 from rais_jax.step import StepMetrics, TrainState, init_train_state
 from rais_jax.train import make_train_step
-from rais_jax.transform import (epochs_equivalent, equivalent_iterations, rais_sgd,
-                                scale_by_gain_ratio)
+from rais_jax.transform import (epochs_equivalent, equivalent_iterations, inject_hyperparams,
+                                multi_steps, rais_sgd, scale_by_gain_ratio)
 
 __version__ = "0.1.0"
 
@@ -38,8 +38,10 @@ __all__ = [
     "equivalent_iterations",
     "evaluate",
     "init_train_state",
+    "inject_hyperparams",
     "make_runner",
     "make_train_step",
+    "multi_steps",
     "oracle_sampler",
     "per_example_grad_norms",
     "pt",

@@ -94,7 +94,7 @@ def test_scan_over_steps():
 
 
 def test_missing_state_error():
-  with pytest.raises(ValueError, match="tau"):
+  with pytest.raises(ValueError, match="no scale_by_gain_ratio state"):
     equivalent_iterations(optax.sgd(0.1).init(PARAMS))
 
 
