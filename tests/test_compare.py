@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -190,3 +193,37 @@ def test_cli_errors(tmp_path, argv, message, capsys):
   with pytest.raises(SystemExit) as exc:
     cli.run(["compare", "--out", str(tmp_path), *argv])
   assert message in str(exc.value) + capsys.readouterr().err
+
+
+def test_flags_reach_the_config():
+  """--r-max, --lr-schedule, --data-dir (and the others) set their fields."""
+  config, _ = cli.parse(["compare", "--r-max", "4", "--lr-schedule", "constant",
+                         "--data-dir", "/somewhere", "--methods", "usgd,naive"])
+  assert (config.r_max, config.lr_schedule, config.data_dir) == (4.0, "constant", "/somewhere")
+  assert config.methods == ("usgd", "naive")
+  schedule = compare.schedule(config, 100)
+  assert float(schedule(0)) == float(schedule(99)) == config.lr  # constant
+
+
+def test_data_dir_is_where_fashion_mnist_is_read_from(tmp_path):
+  """A tiny Fashion-MNIST written to --data-dir is the one trained on (not a
+  system-wide copy)."""
+  import test_data  # pylint: disable=import-outside-toplevel
+  test_data._fashion_dir(tmp_path, n_train=48, n_test=8)  # pylint: disable=protected-access
+  results = cli.run(["compare", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path),
+                     "--methods", "usgd", "--seeds", "0", "--epochs", "1",
+                     "--batch-size", "8", "--hidden", "4", "--out", str(tmp_path / "out"),
+                     "--no-plots", "--quiet"])
+  assert (results["dataset"]["n_train"], results["dataset"]["n_test"]) == (48, 8)
+
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "rais-jax")
+
+
+@pytest.mark.parametrize("command", [[SCRIPT], [sys.executable, "-m", "rais_jax"]])
+def test_entry_points(command):
+  """The console script (installed beside this interpreter) and ``python -m
+  rais_jax`` are the same command."""
+  out = subprocess.run([*command, "compare", "--help"], capture_output=True, text=True,
+                       timeout=120, check=True).stdout
+  assert "--methods" in out and "--lr-schedule" in out

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11
 
 ROOT = pathlib.Path(__file__).parents[1]
 EXTRAS_ONLY = ("flax", "orbax", "matplotlib", "tqdm", "mnist1d")
@@ -53,6 +52,7 @@ print("core ok")
 
 
 def test_core_dependencies_exclude_the_extras():
+  tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11: only this test needs it
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
   core = " ".join(project["dependencies"])
   assert not [name for name in EXTRAS_ONLY if name in core], core

@@ -417,7 +417,13 @@ def test_a_continuing_run_reads_the_device_once(problem, method, monkeypatch):
     monkeypatch.setattr(jax_array.ArrayImpl, "_value", property(watched_value))
     for _ in range(3):
       state, _ = runner.run(state, jax.random.key(0), data, 8)
-  assert len(gets) == 3 and not elsewhere
+    assert len(gets) == 3 and not elsewhere
+    # Positive control: a host read outside device_get is seen. (Only reads
+    # through ArrayImpl._value are: int(), float(), .tolist(); on the CPU
+    # np.asarray and .item() read the buffer without it, measured on jax
+    # 0.10.2, and jax.transfer_guard does not apply to CPU arrays.)
+    int(state.step)
+  assert elsewhere == [()]
 
 
 def test_a_closed_runner_or_a_copied_state_continues_the_run(problem):
@@ -607,3 +613,33 @@ def test_auto_exact_method_is_measured_once_and_used(problem):
   with make(chosen) as named:
     b, _ = named.run(named.init(params), jax.random.key(5), data, 32)
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
+
+
+# -- claims of the user guide -----------------------------------------------
+
+
+def test_pt_device_is_where_solves_run(problem):
+  data, _, params, labels = problem
+  device = jax.local_devices(backend="cpu")[-1]
+  runner = rj.make_runner(problem[1], rj.softmax_cross_entropy_head(),
+                          rj.rais_sgd(0.05), _sampler("rais", labels), norms="exact",
+                          block_size=K, pt_device=device)
+  assert runner.service.device == device
+  with runner:
+    state, _ = runner.run(runner.init(params), jax.random.key(0), data, 32)
+  assert int(state.sampler.diagnostics.pt_solves) >= 2
+
+
+def test_blocks_longer_than_half_the_period_are_warned_of(problem):
+  with pytest.warns(UserWarning, match="more than half the"):
+    _runner(problem, block_size=6)  # (PT) period 8
+
+
+def test_run_donates_the_state_it_is_given(problem):
+  """``run`` reuses the given state's buffers: continue from the returned one."""
+  data, _, params, _ = problem
+  runner = _runner(problem, "usgd")
+  state = runner.init(params)
+  new, _ = runner.run(state, jax.random.key(0), data, K)
+  assert all(x.is_deleted() for x in jax.tree.leaves(state.params))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(new.params))

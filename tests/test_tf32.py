@@ -45,3 +45,16 @@ def test_default_precision_dots_and_convolutions_round_inside_only(request):
   assert 0 < np.abs(emulated_conv - exact_conv).max()
   np.testing.assert_array_equal(highest, exact_dot)
   np.testing.assert_array_equal(np.asarray(dot(a, b)), exact_dot)  # restored
+
+
+def test_emulation_is_active_when_asked(request):
+  """Positive control of ``--emulate-tf32`` (the test above skips under it):
+  with the option, a default-precision dot is the product of TF32-rounded
+  inputs; without it, this test has nothing to check."""
+  if not request.config.getoption("--emulate-tf32"):
+    pytest.skip("run with --emulate-tf32")
+  a, b = (jax.random.normal(jax.random.key(i), (64, 64)) for i in (5, 6))
+  got = np.asarray(jax.jit(jnp.matmul)(a, b))
+  rounded = lambda v: np.asarray(tf32.round_to_tf32(v), np.float64)
+  np.testing.assert_allclose(got, rounded(a) @ rounded(b), rtol=1e-5, atol=1e-4)
+  assert np.abs(got - np.asarray(a, np.float64) @ np.asarray(b, np.float64)).max() > 1e-4

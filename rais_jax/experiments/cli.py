@@ -97,13 +97,21 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
-def run(argv: Optional[Sequence[str]] = None) -> dict:
-  """Parses ``argv`` and runs the command; returns its results."""
+def parse(argv: Optional[Sequence[str]] = None
+          ) -> tuple[compare.CompareConfig, argparse.Namespace]:
+  """The :class:`~rais_jax.experiments.compare.CompareConfig` ``argv`` asks
+  for, and the parsed arguments."""
   args = parser().parse_args(argv)
   # Every CompareConfig field has the flag of its name (--batch-size: batch_size).
   config = compare.CompareConfig(**{
       f.name: getattr(args, f.name) for f in dataclasses.fields(compare.CompareConfig)
   } | {"hidden": tuple(args.hidden)})
+  return config, args
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+  """Parses ``argv`` and runs the command; returns its results."""
+  config, args = parse(argv)
   try:
     results = compare.run_compare(config, args.out, plots=not args.no_plots,
                                   quiet=args.quiet)
