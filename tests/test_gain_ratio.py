@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from rais_jax import gain_ratio
+from rais_jax import step as step_lib
 
 
 def _problem(n=200, dim=5, m=16, seed=0):
@@ -65,17 +66,19 @@ def test_matches_exact_ratio(proxy_scale):
 def test_matches_exact_ratio_measuring_a_subset_of_steps():
   """With exact norms ‖g_R‖² splits into R̂/m (known every step) and cross
   terms with mean (1 − 1/m)‖∇F‖²: measuring it on every 8th step (as the
-  fast path does once per block) still estimates r without bias. The cross
-  terms are averaged over 8x fewer measurements (rate 8α, the same span of
-  steps); over 20 problem seeds this simulation's relative errors were at
-  most 3.3 % (median 0.6 %; measuring every step: 1.4 %, 0.3 %): 7 % is
-  2x that."""
+  fast path does once per block) still estimates r without bias, at the rate
+  the fast path ships for blocks of 8 (rais_jax.step.grad_rate). Over 20
+  problem seeds (r from 1.33 to 3.58) this simulation's errors were at most
+  1.3 % on r (median 0.5 %, signed median +0.1 %) and 3.5 % on r − 1: the
+  tolerances are twice those."""
   m = 16
   grads, p, v, exact_r = _problem(m=m)
-  state = _simulate(grads, p, v, m, measure_every=8, grad_alpha=8e-3)
+  state = _simulate(grads, p, v, m, measure_every=8,
+                    grad_alpha=step_lib.grad_rate(1e-3, 8))
   assert int(state.count) == 40_000
-  np.testing.assert_allclose(float(gain_ratio.estimate(state, m)), exact_r,
-                             rtol=0.07)
+  estimate = float(gain_ratio.estimate(state, m))
+  np.testing.assert_allclose(estimate, exact_r, rtol=0.027)
+  assert abs((estimate - 1) / (exact_r - 1) - 1) <= 0.07
 
 
 def test_ratio_waits_for_a_gradient_measurement():
@@ -139,18 +142,26 @@ def _estimate_vs_truth(seed: int, *, epochs: int = 16):
 
 
 def test_estimate_tracks_the_true_ratio_on_a_real_run():
-  """After warm-up (the first (PT) fit and 3 epochs), r̂ is within 10 % of the
-  true r at the median point, and within 35 % at 90 % of points (r̂ is
-  compared with max(r, 1), since it is clipped to [1, m]). Seeds 0-4 gave
-  median errors of 3.7-6.8 % and 90th percentiles of 12-30 % (r from 1 to
-  2.4; the largest errors are over-estimates late in the run)."""
-  points = _estimate_vs_truth(0)
-  errors = np.array([abs(est / max(true, 1.0) - 1.0)
-                     for i, (fitted, est, true) in enumerate(points) if fitted and i >= 3])
-  assert len(errors) >= 10
-  assert max(true for _, _, true in points) > 1.3  # the run has a gain to estimate
-  assert np.median(errors) <= 0.10, errors
-  assert np.quantile(errors, 0.9) <= 0.35, errors
+  """r̂ against the true r (exact norms of all n, the full gradient, the
+  current p) every epoch of real RAIS runs after warm-up (the first (PT) fit
+  and 3 epochs); r̂ is compared with max(r, 1), since it is clipped to
+  [1, m]. Calibrated on this estimator (‖g_R‖² once per block, at
+  rais_jax.step.grad_rate), seeds 0-4: signed median error −4.5 % to +0.2 %
+  (pooled over seeds 0-2: −3 %), median |error| 3.7-4.8 %, 90th percentile
+  9-16 %, r up to 2.2-2.4. Checked on seeds 0-2: the pooled signed median
+  within ±5 % (a bias), each seed's median |error| ≤ 6 % and 90th
+  percentile ≤ 20 %."""
+  signed, worst = [], []
+  for seed in (0, 1, 2):
+    points = _estimate_vs_truth(seed)
+    errors = np.array([est / max(true, 1.0) - 1.0
+                       for i, (fitted, est, true) in enumerate(points) if fitted and i >= 3])
+    assert len(errors) >= 10
+    assert max(true for _, _, true in points) > 1.3  # the run has a gain to estimate
+    assert np.median(np.abs(errors)) <= 0.06, (seed, errors)
+    assert np.quantile(np.abs(errors), 0.9) <= 0.20, (seed, errors)
+    signed.append(errors)
+  assert abs(np.median(np.concatenate(signed))) <= 0.05, signed
 
 
 def test_exact_ratio_by_enumerating_every_minibatch():

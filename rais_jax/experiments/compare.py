@@ -278,8 +278,8 @@ class MethodRunner:
       previous, tau = tau, self._tau(state)
       gain = tau - previous
       epoch = int(state.step) / self.steps_per_epoch
-      curve.append(self.point(state, epoch, wall,
-                              float(jnp.mean(jnp.concatenate(ratios)))))
+      epoch_ratios = np.asarray(jnp.concatenate(ratios), np.float64)
+      curve.append(self.point(state, epoch, wall, float(epoch_ratios.mean())))
       bar.set_postfix(loss=f"{curve[-1]['train_loss']:.4f}",
                       r=f"{curve[-1]['gain_ratio']:.2f}")
       if self.sampler.boosts_lr and tau >= budget:
@@ -290,6 +290,11 @@ class MethodRunner:
     run = {"seed": seed, "curve": curve, "block_size": self.block_size,
            "schedule_end_epoch": schedule_end, "steps": steps,
            "ms_per_step": 1e3 * wall / max(steps, 1)}
+    if schedule_end is not None:
+      # Steps that started with τ at or past the budget (the stop is checked
+      # block by block: at most K − 1), from the last epoch's ratios.
+      tau_before = previous + np.concatenate([[0.0], np.cumsum(epoch_ratios)[:-1]])
+      run["steps_after_budget"] = int(np.sum(tau_before >= budget - 1e-6))
     if self.sampler.pt is not None:  # the learned uncertainty set
       run["c"] = np.asarray(state.sampler.c).tolist()
       run["d"] = np.asarray(state.sampler.d).tolist()
