@@ -3,7 +3,8 @@ drivers: params − r·lr·trace of (1/m) Σ_k w_k ∇f_k with w_k = 1/(n p_k) f
 the p each index was drawn with, r read from the moments of earlier steps
 only, and τ advanced by the r used. Mutations of the step (the weights set to
 ones, r set to 1, r taken after this step's own measurements) must make it
-fail: the test proves it can."""
+fail: the test proves it can. Full float32 matmuls (``highest_precision``):
+a GPU's default TF32 would round the two computations differently."""
 
 import inspect
 
@@ -154,7 +155,8 @@ def _check_or_expect_failure(mutation, method, check):
 
 @pytest.mark.parametrize("method, mutation", _cases(
     ["rais", "osgd", "naive", "loss-is", "usgd"], ["rais", "loss-is"]))
-def test_fast_path_block_is_the_update_rule(problem, monkeypatch, method, mutation):
+def test_fast_path_block_is_the_update_rule(problem, monkeypatch, method, mutation,
+                                           highest_precision):
   """A block of K steps on the fast path (the first measuring ‖g_R‖² at the
   block rate) from a fitted, non-uniform sampler."""
   _mutate(monkeypatch, mutation)
@@ -185,7 +187,8 @@ def test_fast_path_block_is_the_update_rule(problem, monkeypatch, method, mutati
 
 @pytest.mark.parametrize("method, mutation", _cases(
     ["rais", "osgd", "naive", "loss-is", "usgd"], ["rais"]))
-def test_per_step_api_is_the_update_rule(problem, monkeypatch, method, mutation):
+def test_per_step_api_is_the_update_rule(problem, monkeypatch, method, mutation,
+                                        highest_precision):
   """One step of make_train_step (‖g_R‖² measured every step, at rate α)."""
   _mutate(monkeypatch, mutation)
   data, model_fn, params, labels = problem
