@@ -36,8 +36,7 @@ from rais_jax.measure import all_exact_norms, full_gradient
 from rais_jax.pt import handoff
 from rais_jax.pt import service as pt_service
 from rais_jax.pt.snapshot import PendingSolve
-from rais_jax.step import (StepMetrics, StepSpec, TrainState, check_data,
-                           init_train_state, run_block)
+from rais_jax.step import StepMetrics, StepSpec, TrainState, init_train_state, run_block
 
 PyTree = Any
 
@@ -106,10 +105,7 @@ class BlockPrograms:
             num_steps: Optional[int] = None) -> tuple[TrainState, StepMetrics]:
     """The K steps of a block without the period work: draw, scan, fold in
     (``num_steps``, static, default K, sets the block's length)."""
-    check_data(data, self.sampler.num_examples)
-    m = self.sampler.batch_size
-    self.spec.check(state.params, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), data))
+    self.spec.check_on_data(state.params, data)
     drawn = self.draw(state, key, num_steps=num_steps)
     return run_block(self.spec, state, data, drawn, drawn)
 

@@ -16,7 +16,6 @@ Reference: Johnson & Guestrin, NeurIPS 2018.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -32,7 +31,7 @@ from rais_jax.programs import BlockPrograms, needs_all_data
 from rais_jax.pt import handoff
 from rais_jax.pt import service as pt_service
 from rais_jax.sampler import Sampler
-from rais_jax.schedule import Schedule, powers_of_two
+from rais_jax.schedule import Schedule, in_blocks, powers_of_two
 from rais_jax.step import StepMetrics, StepSpec, TrainState
 
 PyTree = Any
@@ -316,7 +315,7 @@ def make_runner(model_fn: ModelFn, loss_head: LossHead,
         "MNIST-1D (every seed; up to a fifth of the period matched K = 1). "
         "Use a smaller block_size.", stacklevel=2)
   k = block_size
-  oracle_period = k * max(1, math.ceil(oracle_period / k))
+  oracle_period = in_blocks(oracle_period, k)
   programs = BlockPrograms(
       spec, block_size=k, oracle_period=oracle_period,
       oracle_chunk_size=sampler.batch_size if oracle_chunk_size is None

@@ -88,6 +88,11 @@ class Schedule(NamedTuple):
     return epochs, every
 
 
+def in_blocks(steps: int, block_size: int) -> int:
+  """``steps`` rounded up to whole blocks of K (at least one block)."""
+  return block_size * max(1, math.ceil(steps / block_size))
+
+
 def binary(count: int) -> list[int]:
   """``count`` as a sum of powers of two, largest first (13 → [8, 4, 1])."""
   return [1 << b for b in reversed(range(count.bit_length())) if count >> b & 1]

@@ -162,6 +162,13 @@ class StepSpec:
     return gain_ratio_lib.estimate(moments, smp.batch_size, r_max=smp.r_max,
                                    scale_free=self.norms == "proxy")
 
+  def check_on_data(self, params: PyTree, data: PyTree) -> None:
+    """:func:`check_data`, then :meth:`check` on one batch of m rows of ``data``."""
+    check_data(data, self.sampler.num_examples)
+    m = self.sampler.batch_size
+    self.check(params, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), data))
+
   def check(self, params: PyTree, batch: PyTree) -> None:
     """Trace-time checks of the optimizer, and of the loss on one batch's
     shapes (``jax.ShapeDtypeStruct`` leaves)."""

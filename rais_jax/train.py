@@ -25,7 +25,7 @@ import optax
 from rais_jax.measure import LossHead, ModelFn, all_exact_norms
 from rais_jax.pt import periodic
 from rais_jax.sampler import Sampler
-from rais_jax.step import StepMetrics, StepSpec, TrainState, check_data, train_step
+from rais_jax.step import StepMetrics, StepSpec, TrainState, train_step
 
 PyTree = Any
 
@@ -103,10 +103,8 @@ def per_step(spec: StepSpec, oracle_period: int, oracle_chunk: int,
   """One step of the per-step API: the oracle's refresh when due (``cond``),
   the draw of m indices, the one guarded step, the fold-in, the (PT)
   hand-off (:func:`rais_jax.pt.periodic.advance`)."""
-  sampler, m = spec.sampler, spec.sampler.batch_size
-  check_data(data, sampler.num_examples)
-  spec.check(state.params, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), data))
+  sampler = spec.sampler
+  spec.check_on_data(state.params, data)
   sampler_state = state.sampler
   if sampler.refresh is not None:
     refresh = sampler.refresh

@@ -284,8 +284,8 @@ def set_parameters(spec: TreeSpec, state: RobustState, c: chex.Array,
 def refresh(spec: TreeSpec, state: RobustState, norms: chex.Array) -> RobustState:
   """Oracle samplers: p ∝ ``norms`` (n,) of all examples from now on."""
   chex.assert_shape(norms, (spec.num_examples,))
-  valid = jnp.isfinite(norms) & (norms >= 0)
-  features = jnp.where(valid, norms.astype(jnp.float32), 0.0)
+  norms, valid = _valid(norms)
+  features = jnp.where(valid, norms, 0.0)
   state = state.replace(features=features,
                         **rebuild_trees(spec, features, state.c, state.d))
   return count_nonfinite(state, valid)

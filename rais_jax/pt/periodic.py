@@ -21,7 +21,6 @@ counted in the diagnostics.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import chex
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import io_callback
 
 from rais_jax import records as records_lib
+from rais_jax import schedule
 from rais_jax.features import FeatureMap
 from rais_jax.pt import service as pt_service
 from rais_jax.pt import snapshot
@@ -54,10 +54,8 @@ class PeriodicSolve(NamedTuple):
   def in_blocks(self, block_size: int) -> tuple[int, int]:
     """(period, delay) rounded up to whole blocks of K steps: P = K ⌈P/K⌉, the
     delay a whole number of blocks, at most one period."""
-    k = block_size
-    blocks = lambda steps: max(1, math.ceil(steps / k))
-    period = k * blocks(self.period)
-    return period, k * min(blocks(self.delay), period // k)
+    period = schedule.in_blocks(self.period, block_size)
+    return period, min(schedule.in_blocks(self.delay, block_size), period)
 
   def solve(self, pending: snapshot.PendingSolve) -> tuple:
     """(c, d, info) of ``pending``, in-graph."""
