@@ -12,7 +12,7 @@ pays for one backward pass. Methods:
 * ``"vmap"``: ``vmap`` of per-example ``grad``, the reference; memory grows as
   m × #params, and time up to m times a backward pass (on CPU; batched
   per-example gradients parallelise better on accelerators, and where ghost
-  norms must vmap a whole ``scan``/``while`` — an RNN — vmap is the faster).
+  norms must vmap a whole ``scan`` — an RNN — vmap is the faster).
 * ``"auto"``: the faster of the two for this loss at these shapes, measured
   by :func:`choose_method` when the function is traced (or called eagerly).
 

@@ -232,3 +232,50 @@ def test_entry_points(command):
   out = subprocess.run([*command, "compare", "--help"], capture_output=True, text=True,
                        timeout=120, check=True).stdout
   assert "--methods" in out and "--lr-schedule" in out
+
+
+def test_wall_clock_excludes_compilation_and_evaluation(monkeypatch):
+  """The timed intervals (the clock of MethodRunner.run) hold no compilation
+  (JAX's tracing, lowering and compile events) and no evaluation (the curve
+  points), and the recorded wall-clock is their sum. A timed region that
+  compiled (e.g. the warm-up epoch removed) fails the first check."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  clock, compiles, points = [], [], []
+  real = time.perf_counter
+
+  class Clock:  # compare's ``time`` module, recording every reading
+    @staticmethod
+    def perf_counter():
+      clock.append(real())
+      return clock[-1]
+
+  def on_event(event, duration, **_):
+    if "compile" in event or "trace" in event or "mlir" in event:
+      compiles.append((real() - duration, real()))
+
+  def point(self, *args, **kwargs):
+    start = real()
+    out = original_point(self, *args, **kwargs)
+    points.append((start, real()))
+    return out
+
+  original_point = compare.MethodRunner.point
+  monkeypatch.setattr(compare, "time", Clock)
+  monkeypatch.setattr(compare.MethodRunner, "point", point)
+  jax.monitoring.register_event_duration_secs_listener(on_event)
+  try:
+    config = compare.CompareConfig(epochs=3, num_samples=400, hidden=(16,), seeds=(0,),
+                                   batch_size=32, methods=("usgd", "rais"))
+    results = compare.run_compare(config, plots=False, quiet=True)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_event)
+  timed = list(zip(clock[::2], clock[1::2]))
+  assert len(clock) % 2 == 0 and len(timed) >= 4
+  assert compiles and points  # the listeners saw something
+  overlaps = lambda a, b: a[0] < b[1] and b[0] < a[1]
+  assert not [c for c in compiles for t in timed if overlaps(c, t)]
+  assert not [p for p in points for t in timed if overlaps(p, t)]
+  runs = results["runs"]
+  recorded = sum(r["0"]["curve"][-1]["wall_clock_s"] for r in runs.values())
+  np.testing.assert_allclose(recorded, sum(b - a for a, b in timed), rtol=1e-9)

@@ -6,8 +6,8 @@ fail, standing in for an environment without them)."""
 import pathlib
 import subprocess
 import sys
+import tomllib
 
-import pytest
 
 
 ROOT = pathlib.Path(__file__).parents[1]
@@ -52,7 +52,6 @@ print("core ok")
 
 
 def test_core_dependencies_exclude_the_extras():
-  tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11: only this test needs it
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
   core = " ".join(project["dependencies"])
   assert not [name for name in EXTRAS_ONLY if name in core], core

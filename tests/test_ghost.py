@@ -227,3 +227,45 @@ def test_tied_weight_gram_and_pulled_back(length):
   ghost = rj.per_example_grad_norms(problem.loss_fn, problem.params, batch)
   np.testing.assert_allclose(ghost, _vmap_norms(problem.loss_fn, problem.params, batch),
                              rtol=1e-5)
+
+
+@jax.custom_jvp
+def _scaled_softplus(w, h):
+  return jax.nn.softplus(h @ w)
+
+
+@_scaled_softplus.defjvp
+def _scaled_softplus_jvp(primals, tangents):
+  (w, h), (dw, dh) = primals, tangents
+  z = h @ w
+  return jax.nn.softplus(z), jax.nn.sigmoid(z) * (dh @ w + h @ dw)
+
+
+@pytest.mark.parametrize("where", ["cond", "custom_jvp"])
+def test_parameters_inside_higher_order_equations_fall_back_to_vmap(where):
+  """The guide's claim: parameters used inside a ``cond`` or custom-JVP
+  function are computed by vmap over that equation's VJP (exact), named in a
+  warning; the other parameters stay ghosted (not named). (A scan sharing its
+  weights across steps: the rnn of test_zoo_matches_vmap. A ``while`` cannot
+  be differentiated in reverse mode at all.)"""
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = {"inner": jax.random.normal(k1, (4, 4)) / 2,
+            "out": jax.random.normal(k2, (4, 3)) / 2}
+  batch = {"x": jax.random.normal(k3, (M, 4)), "label": jnp.arange(M) % 3}
+
+  def loss_fn(p, b):
+    h = b["x"]
+    if where == "cond":
+      h = jax.lax.cond(jnp.sum(b["label"]) >= 0, lambda h: jnp.tanh(h @ p["inner"]),
+                       lambda h: h, h)
+    else:
+      h = _scaled_softplus(p["inner"], h)
+    return optax.softmax_cross_entropy_with_integer_labels(h @ p["out"], b["label"])
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ghost = rj.per_example_grad_norms(loss_fn, params, batch)
+  np.testing.assert_allclose(ghost, _vmap_norms(loss_fn, params, batch), rtol=1e-5)
+  messages = [str(w.message) for w in caught if "ghost norms" in str(w.message)]
+  assert len(messages) == 1, messages
+  assert "['inner']" in messages[0] and "'out'" not in messages[0]

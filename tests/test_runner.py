@@ -17,7 +17,7 @@ from rais_jax.schedule import Schedule
 from rais_jax import step as step_lib
 from rais_jax import checkpoint
 from rais_jax.pt import solver as pt_solver
-from stats_helpers import pool, pooled_chisquare_pvalue
+from stats_helpers import assert_unbiased_with_power, pool, pooled_chisquare_pvalue
 from scipy import stats
 
 N, M, CLASSES, K = 240, 16, 4, 4
@@ -182,21 +182,15 @@ def test_block_and_per_step_draws_agree_in_distribution():
 
 def test_block_importance_weighted_gradient_is_unbiased():
   """mean over blocks of (1/m) Σ_k w_k g_k equals (1/n) Σ_i g_i, per step of
-  the block (each weight uses the p its index was drawn from)."""
+  the block (each weight uses the p its index was drawn from), on gradients
+  correlated with p. 8 steps of one block share nothing but p, so the 32000
+  estimates are i.i.d. Power, measured at this seed: weights from a p 1 %
+  too high on half the examples give |z| ≈ 42, 0.2 % too high |z| ≈ 9
+  (the 1 % control is asserted > 4.5)."""
   sampler, state = _fitted_state(n=200, seed=5, floor=0.1)
-  grads = jnp.asarray(np.random.default_rng(1).normal(size=(200, 3)), jnp.float32)
-  truth = np.asarray(grads.mean(0), np.float64)
-
-  def estimate(key):
-    s = sampler.draw(state, key, (8, 64))
-    return jnp.mean(s.weights[..., None] * grads[s.indices], axis=1)  # (8, 3)
-
-  est = np.asarray(jax.jit(jax.vmap(estimate))(
-      jax.random.split(jax.random.key(7), 4000)), np.float64).reshape(-1, 3)
-  mean, se = est.mean(0), est.std(0, ddof=1) / np.sqrt(len(est))
-  # 8 steps of one block share nothing but p, so the 32000 estimates are
-  # i.i.d.; |z| < 4.5 fails with probability ~2e-5 per coordinate.
-  assert np.all(np.abs(mean - truth) < 4.5 * se), (mean, truth, se)
+  s = jax.jit(jax.vmap(lambda key: sampler.draw(state, key, (8, 64))))(
+      jax.random.split(jax.random.key(7), 4000))
+  assert_unbiased_with_power(s.indices, s.weights, sampler.probabilities(state))
 
 
 def test_fold_in_matches_per_step_updates_without_duplicates():

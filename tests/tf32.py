@@ -13,7 +13,10 @@ GPU leaves them. Accumulation stays float32, as in a tensor core. This is an
 approximation of the hardware, not a model of it: cuBLAS/cuDNN may also
 reorder the sums.
 
-Uses JAX's lowering registry (``jax._src``), so it may need updating with JAX.
+Uses JAX's lowering registry (``jax._src``), so it may need updating with JAX;
+those private modules are imported only when :func:`emulate_tf32` is entered
+(``--emulate-tf32`` or ``tests/test_tf32.py``), so a JAX that moves them breaks
+only those, not every run.
 """
 
 from __future__ import annotations
@@ -24,9 +27,6 @@ from typing import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax._src.interpreters import mlir
-from jax._src.lax import convolution as lax_convolution
-from jax._src.lax import lax as lax_internal
 
 # float32 keeps 23 mantissa bits, TF32 10: round away the lowest 13.
 _DROPPED_BITS = 13
@@ -48,7 +48,7 @@ def _at_tf32(precision) -> bool:
   return precision in _TF32
 
 
-def _rounding_rule(rule):
+def _rounding_rule(rule, mlir):
   round_lowered = mlir.lower_fun(round_to_tf32, multiple_results=False)
 
   def lower(ctx, lhs, rhs, **params):
@@ -69,12 +69,16 @@ def emulate_tf32() -> Iterator[None]:
   """Within the block, CPU programs compile their default-precision float32
   dots and convolutions on TF32-rounded inputs (clears JAX's caches on entry
   and exit, so nothing compiled outside is reused inside or after)."""
+  # pylint: disable=import-outside-toplevel
+  from jax._src.interpreters import mlir
+  from jax._src.lax import convolution as lax_convolution
+  from jax._src.lax import lax as lax_internal
   cpu = mlir._platform_specific_lowerings["cpu"]  # pylint: disable=protected-access
   saved = {}
   for prim in (lax_internal.dot_general_p, lax_convolution.conv_general_dilated_p):
     entry = cpu.get(prim) or mlir._lowerings[prim]  # pylint: disable=protected-access
     saved[prim] = cpu.get(prim)
-    cpu[prim] = mlir.LoweringRuleEntry(_rounding_rule(entry.rule), entry.inline)
+    cpu[prim] = mlir.LoweringRuleEntry(_rounding_rule(entry.rule, mlir), entry.inline)
   jax.clear_caches()
   try:
     yield

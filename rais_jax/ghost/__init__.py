@@ -28,7 +28,7 @@ This package does that for any JAX function by reading its jaxpr:
   weight tied across sites).
 * :mod:`~rais_jax.ghost.plan`: which leaf goes to which kernel; the rest
   (biases and scales broadcast into the data, parameters combined with each
-  other, higher-order equations such as ``while`` or a shared-weight
+  other, higher-order equations such as ``cond`` or a shared-weight
   ``scan``, with a warning) goes to
 * :mod:`~rais_jax.ghost.pullback`: the local per-example gradient of each
   remaining site by ``vmap`` of that one equation's VJP, pulled back through

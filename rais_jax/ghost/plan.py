@@ -94,7 +94,7 @@ def make_plan(sites: Sequence[Site]) -> Plan:
 def warn_higher_order(sites: Sequence[Site], plan: Plan,
                       names: Sequence[str]) -> None:
   """Names the parameters whose per-example gradients a higher-order
-  equation forces to be formed (``while``, ``cond``, a shared-weight scan)."""
+  equation forces to be formed (``cond``, custom JVP, a shared-weight scan)."""
   by_prim: dict[str, set[str]] = {}
   for s, _ in plan.pulled:
     site = sites[s]
