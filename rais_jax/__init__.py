@@ -4,10 +4,11 @@ Johnson & Guestrin, "Training Deep Models Faster with Robust, Approximate
 Importance Sampling", NeurIPS 2018.
 """
 
-from rais_jax import (baselines, ghost, gain_ratio, pt, records, schedule, separability,
-                      sum_tree, tree_sampler)
+from rais_jax import (augment, baselines, ghost, gain_ratio, pt, records, schedule,
+                      separability, sum_tree, tree_sampler)
 from rais_jax.features import FeatureMap, default_features, static_features
 from rais_jax.losses import evaluate, softmax_cross_entropy_head
+from rais_jax.model import StatefulModel, inference
 from rais_jax.norms import (choose_method, per_example_grad_norms,
                             softmax_cross_entropy_proxy_norms, value_grad_and_norms)
 from rais_jax.oracle import oracle_sampler
@@ -29,14 +30,17 @@ __all__ = [
     "Runner",
     "Sample",
     "Sampler",
+    "StatefulModel",
     "StepMetrics",
     "TrainState",
+    "augment",
     "baselines",
     "choose_method",
     "default_features",
     "epochs_equivalent",
     "equivalent_iterations",
     "evaluate",
+    "inference",
     "init_train_state",
     "inject_hyperparams",
     "make_runner",

@@ -30,7 +30,8 @@ from rais_jax.sampler import Sampler
 
 # 2: TrainState gained ``skipped_steps``. 3: one TrainState for both drivers
 # (the gain-ratio moments and the step count moved out of the sampler state).
-FORMAT_VERSION = 3
+# 4: TrainState gained ``model_state``.
+FORMAT_VERSION = 4
 METADATA = "rais_jax.json"
 
 

@@ -8,7 +8,8 @@ import chex
 import jax.numpy as jnp
 import optax
 
-from rais_jax.measure import LossHead, ModelFn, chunked_map
+from rais_jax.measure import LossHead, chunked_map
+from rais_jax.model import ModelFn
 
 PyTree = Any
 

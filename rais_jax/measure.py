@@ -22,10 +22,11 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from rais_jax import ghost
 from rais_jax import norms as norms_lib
+from rais_jax.model import ModelFn, StatefulModel
 
 PyTree = Any
-ModelFn = Callable[[PyTree, PyTree], chex.Array]
 LossHead = Callable[[chex.Array, PyTree], chex.Array]
 
 
@@ -117,6 +118,36 @@ def measured_gradient(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
     u = jnp.zeros((m,), jnp.float32)
   u = jnp.where(jnp.isfinite(losses), u, jnp.nan)
   return grads, u, inner, losses
+
+
+def measured_gradient_stateful(
+    model: StatefulModel, loss_head: LossHead, params: PyTree, model_state: PyTree,
+    key: chex.PRNGKey, batch: PyTree, weights: chex.Array, *, norms: Optional[str],
+    exact_method: str = "ghost", coupled: bool = False):
+  """:func:`measured_gradient` of a :class:`~rais_jax.StatefulModel` in
+  training mode (with ``key``); returns (grads, u, None, losses, the new
+  model state). ``norms`` is "exact" or None; ``coupled``: the loss couples
+  the batch's examples (the norms are then their shares of the gradient,
+  ghost only; see :mod:`rais_jax.model`). The separability check is the
+  caller's (:meth:`rais_jax.step.StepSpec.check`)."""
+  m = weights.shape[0]
+
+  def loss_aux(p, b):
+    outputs, new_state = model.apply(p, model_state, b, key, True)
+    return loss_head(outputs, b), new_state
+
+  if norms == "exact" and exact_method == "ghost":
+    losses, grads, u, new_state = ghost.value_grad_and_norms(
+        loss_aux, params, batch, weights / m, has_aux=True, coupled=coupled)
+  else:
+    losses, backward, new_state = jax.vjp(lambda p: loss_aux(p, batch), params,
+                                          has_aux=True)
+    (grads,) = backward((weights / m).astype(losses.dtype))
+    u = (norms_lib.per_example_grad_norms(
+        lambda p, b: loss_aux(p, b)[0], params, batch, method="vmap",
+        separable_check=False) if norms == "exact" else jnp.zeros((m,), jnp.float32))
+  u = jnp.where(jnp.isfinite(losses), u, jnp.nan)
+  return grads, u, None, losses, new_state
 
 
 def all_exact_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],

@@ -62,8 +62,9 @@ class BlockPrograms:
       self.pt_period, self.pt_delay = pt.in_blocks(block_size)
     self.oracle_period, self.oracle_chunk = oracle_period, oracle_chunk_size
 
-  def init(self, params: PyTree) -> TrainState:
-    """A fresh state holding a copy of ``params`` (the programs donate it).
+  def init(self, params: PyTree, model_state: PyTree = ()) -> TrainState:
+    """A fresh state holding a copy of ``params`` and ``model_state`` (a
+    :class:`~rais_jax.StatefulModel`'s; the programs donate them).
 
     Every leaf is committed to the default device, as the outputs of the
     compiled programs are: otherwise the first blocks would see a different
@@ -71,24 +72,26 @@ class BlockPrograms:
     elsewhere, e.g. replicated over a mesh, with ``jax.device_put``.)
     """
     state = init_train_state(jax.tree.map(jnp.copy, params), self.spec.optimizer,
-                             self.sampler)
+                             self.sampler, jax.tree.map(jnp.copy, model_state))
     return jax.device_put(state, jax.local_devices()[0])
 
-  def _chunk_method(self, params: PyTree, data: PyTree, chunk_size: int) -> str:
+  def _chunk_method(self, state: TrainState, data: PyTree, chunk_size: int) -> str:
     """The norm method for chunks of ``data`` (the oracle, the exact gain ratio)."""
-    return self.spec.method_for(params, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((chunk_size,) + x.shape[1:], x.dtype), data))
+    return self.spec.method_for(state.params, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((chunk_size,) + x.shape[1:], x.dtype), data),
+                                state.model_state)
 
   def exact_gain_ratio(self, state: TrainState, data: PyTree, *,
                        chunk_size: int = 1024) -> gain_ratio_lib.ExactGainRatio:
     """The true gain ratio at ``state``'s parameters and sampling
     distribution: exact norms of all n examples and the full gradient (two
-    passes over the data; for analysis, e.g. against the estimate)."""
-    loss_fn, smp = self.spec.loss_fn, self.sampler
+    passes over the data, a stateful model in inference mode; for analysis,
+    e.g. against the estimate)."""
+    loss_fn, smp = self.spec.eval_loss_fn(state.model_state), self.sampler
     if smp.probabilities is None:
       raise ValueError(f"the {smp.name!r} sampler has no sampling distribution.")
     norms = all_exact_norms(loss_fn, state.params, data, chunk_size=chunk_size,
-                            method=self._chunk_method(state.params, data, chunk_size))
+                            method=self._chunk_method(state, data, chunk_size))
     grads = full_gradient(loss_fn, state.params, data, chunk_size=chunk_size)
     return gain_ratio_lib.exact(norms, smp.probabilities(state.sampler),
                                 optax.tree.norm(grads, squared=True), smp.batch_size)
@@ -105,9 +108,9 @@ class BlockPrograms:
             num_steps: Optional[int] = None) -> tuple[TrainState, StepMetrics]:
     """The K steps of a block without the period work: draw, scan, fold in
     (``num_steps``, static, default K, sets the block's length)."""
-    self.spec.check_on_data(state.params, data)
+    self.spec.check_on_data(state.params, data, state.model_state)
     drawn = self.draw(state, key, num_steps=num_steps)
-    return run_block(self.spec, state, data, drawn, drawn)
+    return run_block(self.spec, state, data, drawn, drawn, key)
 
   def blocks(self, state: TrainState, key: chex.PRNGKey, data: PyTree, *,
              num_blocks: int, num_steps: Optional[int] = None
@@ -121,11 +124,14 @@ class BlockPrograms:
     state, metrics = jax.lax.scan(block, state, None, length=num_blocks)
     return state, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), metrics)
 
-  def fed_steps(self, state: TrainState, drawn: Any, batches: PyTree
+  def fed_steps(self, state: TrainState, drawn: Any, batches: PyTree,
+                key: Optional[chex.PRNGKey] = None
                 ) -> tuple[TrainState, StepMetrics]:
     """The steps of a block on batches the caller loaded: ``batches`` has
     leading axes (K, m) and holds the examples at ``drawn.indices`` (from
-    :meth:`draw`), e.g. read from a NumPy memmap on the host."""
+    :meth:`draw`), e.g. read from a NumPy memmap on the host. ``key``: the
+    key the block was drawn with (a stateful model's or an augmentation's
+    steps take theirs from it)."""
     if self.sampler.needs_all_data:
       raise ValueError(needs_all_data(self.sampler.name))
     k, m = drawn.indices.shape
@@ -134,15 +140,17 @@ class BlockPrograms:
         raise ValueError(f"batches must have leading axes (K, m) = {(k, m)}, "
                          f"those of drawn.indices; got {leaf.shape}.")
     self.spec.check(state.params, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batches))
-    return run_block(self.spec, state, None, drawn, (drawn, batches))
+        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), batches),
+                    state.model_state)
+    return run_block(self.spec, state, None, drawn, (drawn, batches), key)
 
   def refresh(self, state: TrainState, data: PyTree) -> TrainState:
     """The oracle: the exact norms of all n examples, handed to ``refresh``."""
     assert self.sampler.refresh is not None
     norms = all_exact_norms(
-        self.spec.loss_fn, state.params, data, chunk_size=self.oracle_chunk,
-        method=self._chunk_method(state.params, data, self.oracle_chunk))
+        self.spec.eval_loss_fn(state.model_state), state.params, data,
+        chunk_size=self.oracle_chunk,
+        method=self._chunk_method(state, data, self.oracle_chunk))
     return state.replace(sampler=self.sampler.refresh(state.sampler, norms))
 
   def plan(self, state: TrainState, key: chex.PRNGKey) -> TrainState:

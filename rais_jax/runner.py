@@ -26,7 +26,9 @@ import numpy as np
 import optax
 
 from rais_jax import gain_ratio as gain_ratio_lib
-from rais_jax.measure import LossHead, ModelFn
+from rais_jax.augment import Augment
+from rais_jax.measure import LossHead
+from rais_jax.model import ModelFn, StatefulModel
 from rais_jax.programs import BlockPrograms, needs_all_data
 from rais_jax.pt import handoff
 from rais_jax.pt import service as pt_service
@@ -93,9 +95,10 @@ class Runner:
     self._handoff = handoff.HostHandoff(service)
     self.compiled = Compiled.of(programs)
 
-  def init(self, params: PyTree) -> TrainState:
-    """A fresh state holding a copy of ``params`` (:meth:`run` donates it)."""
-    return self.programs.init(params)
+  def init(self, params: PyTree, model_state: PyTree = ()) -> TrainState:
+    """A fresh state holding a copy of ``params`` (and a
+    :class:`~rais_jax.StatefulModel`'s ``model_state``; :meth:`run` donates it)."""
+    return self.programs.init(params, model_state)
 
   def gain_ratio(self, state: TrainState) -> chex.Array:
     """r the next step will use."""
@@ -153,8 +156,11 @@ class Runner:
         state, part = self.compiled.blocks(state, key, data, num_blocks=count,
                                    num_steps=length)
       else:
-        drawn = self.compiled.draw(state, jax.random.fold_in(key, step), num_steps=length)
-        state, part = self.compiled.fed_steps(state, drawn, loader(np.asarray(drawn.indices)))
+        block_key = jax.random.fold_in(key, step)
+        drawn = self.compiled.draw(state, block_key, num_steps=length)
+        state, part = self.compiled.fed_steps(state, drawn,
+                                              loader(np.asarray(drawn.indices)),
+                                              block_key)
       metrics.append(part)
       step += count * length
       if self.service is None:
@@ -204,14 +210,14 @@ class Runner:
       num_steps = int(smp.epoch_steps(state.sampler))
     return self.run(state, key, data, num_steps)
 
-  def warm_up(self, params: PyTree, data: PyTree) -> None:
+  def warm_up(self, params: PyTree, data: PyTree, model_state: PyTree = ()) -> None:
     """Compiles the programs of epoch-by-epoch training (:meth:`run_epoch`
     from step 0, and runs stopping early; the period work and the (PT)
     solver; a planning sampler's plan and shorter blocks), on a throwaway
     state, so that timing such a run afterwards does not include compilation."""
     k, smp = self.block_size, self.sampler
     epochs, programs = self.schedule.epoch_programs()
-    state = self.init(params)
+    state = self.init(params, model_state)
     if smp.plan_epoch is not None:  # its epochs vary in length
       state = self.compiled.plan(state, jax.random.key(0))
       programs |= {(1, n) for n in powers_of_two(k - 1)}
@@ -231,7 +237,7 @@ class Runner:
       if self.pt_delay % self.pt_period:  # deliveries off the snapshots
         state = self.compiled.deliver(state, solved)
       state, _ = self.compiled.deliver_and_snapshot(state, solved)
-    for start in (self.init(params), state):  # runs from states it did not return
+    for start in (self.init(params, model_state), state):  # states it did not return
       self.compiled.header(start)
     jax.block_until_ready(state)
 
@@ -258,17 +264,20 @@ def _warn_skipped(newly_skipped: int, num_steps: int) -> None:
       RuntimeWarning, stacklevel=3)
 
 
-def make_runner(model_fn: ModelFn, loss_head: LossHead,
+def make_runner(model_fn: ModelFn | StatefulModel, loss_head: LossHead,
                 optimizer: optax.GradientTransformationExtraArgs,
                 sampler: Sampler, *, norms: Optional[str] = "exact",
                 block_size: int = 32, exact_method: str = "ghost",
                 oracle_period: int = 1, oracle_chunk_size: Optional[int] = None,
                 batch_sharding: Optional[jax.sharding.Sharding] = None,
-                pt_device: Optional[jax.Device] = None) -> Runner:
+                pt_device: Optional[jax.Device] = None,
+                augment: Optional[Augment] = None) -> Runner:
   """The fast path for any :class:`~rais_jax.Sampler`: blocks of K steps.
 
   Args:
-    model_fn: ``(params, batch) -> outputs`` (e.g. logits).
+    model_fn: ``(params, batch) -> outputs`` (e.g. logits), or a
+      :class:`~rais_jax.StatefulModel` (BatchNorm, dropout; its state goes
+      in :meth:`Runner.init`; see :mod:`rais_jax.model`).
     loss_head: ``(outputs, batch) -> (m,)`` per-example losses.
     optimizer: as for :func:`rais_jax.make_train_step`: its updates must use
       the ``gain_ratio`` extra argument for samplers that raise the
@@ -296,12 +305,16 @@ def make_runner(model_fn: ModelFn, loss_head: LossHead,
       asynchronous (PT) works over a mesh here (the solve runs outside the
       training program).
     pt_device: where (PT) solves run (default: the host's first CPU device).
+    augment: ``augment(key, example) -> example``, applied on device to each
+      example of every step (:mod:`rais_jax.augment`), after the gather or
+      the loader's fetch.
 
   Returns:
     A :class:`Runner`.
   """
   spec = StepSpec(model_fn, loss_head, optimizer, sampler, norms=norms,
-                  exact_method=exact_method, batch_sharding=batch_sharding)
+                  exact_method=exact_method, batch_sharding=batch_sharding,
+                  augment=augment)
   if block_size < 1:
     raise ValueError(f"block_size must be ≥ 1; got {block_size}.")
   if oracle_period < 1:

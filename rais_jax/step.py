@@ -25,17 +25,21 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, cast
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
 
+from rais_jax import augment as augment_lib
 from rais_jax import gain_ratio as gain_ratio_lib
 from rais_jax import norms as norms_lib
+from rais_jax import separability
 from rais_jax import struct
-from rais_jax.measure import LossHead, ModelFn, loss_fn_of, measured_gradient
+from rais_jax.measure import (LossHead, loss_fn_of, measured_gradient,
+                              measured_gradient_stateful)
+from rais_jax.model import ModelFn, StatefulModel, as_stateful, inference, step_keys
 from rais_jax.sampler import Sampler
 from rais_jax.transform import check_gain_ratio_consumed
 
@@ -54,6 +58,8 @@ class TrainState(struct.PyTreeNode):
   # int32: steps whose loss or gradient was not finite; their update was
   # skipped (params and optimizer state kept).
   skipped_steps: chex.Array
+  # The model's mutable state (BatchNorm statistics; () for a plain model).
+  model_state: PyTree = ()
 
 
 class StepMetrics(NamedTuple):
@@ -64,12 +70,13 @@ class StepMetrics(NamedTuple):
 
 
 def init_train_state(params: PyTree, optimizer: optax.GradientTransformation,
-                     sampler: Sampler) -> TrainState:
-  """A fresh :class:`TrainState` holding ``params`` as given (both drivers)."""
+                     sampler: Sampler, model_state: PyTree = ()) -> TrainState:
+  """A fresh :class:`TrainState` holding ``params`` (and a
+  :class:`~rais_jax.StatefulModel`'s ``model_state``) as given (both drivers)."""
   return TrainState(params=params, opt_state=optimizer.init(params),
                     sampler=sampler.init(), moments=gain_ratio_lib.init(),
                     step=jnp.zeros((), jnp.int32),
-                    skipped_steps=jnp.zeros((), jnp.int32))
+                    skipped_steps=jnp.zeros((), jnp.int32), model_state=model_state)
 
 
 def check_norms(norms: Optional[str], exact_method: str, sampler: Sampler
@@ -110,39 +117,69 @@ def check_data(data: PyTree, num_examples: int) -> None:
 
 class StepSpec:
   """What a step is built from (static): the model, the optimizer, the
-  sampler and how norms are measured.
+  sampler, how norms are measured and the augmentation.
 
   Attributes:
+    stateful: the model was given as a :class:`~rais_jax.StatefulModel`.
+    keyed: steps get keys (a stateful model or an augmentation).
+    coupled: the model's training-mode loss couples the examples of a batch
+      (BatchNorm), found by the probe at the first trace (None before).
     chosen_methods: with ``exact_method="auto"``, the method
       :func:`rais_jax.choose_method` measured, per (parameter and batch)
       shapes: measured once, so every program built from this spec uses the
       same.
   """
 
-  def __init__(self, model_fn: ModelFn, loss_head: LossHead,
+  def __init__(self, model_fn: ModelFn | StatefulModel, loss_head: LossHead,
                optimizer: optax.GradientTransformation, sampler: Sampler, *,
                norms: Optional[str], exact_method: str,
-               batch_sharding: Optional[jax.sharding.Sharding] = None):
-    self.model_fn, self.loss_head = model_fn, loss_head
+               batch_sharding: Optional[jax.sharding.Sharding] = None,
+               augment: Optional[augment_lib.Augment] = None):
+    self.model, self.stateful = as_stateful(model_fn)
+    # The plain form (used where the model is not stateful).
+    self.model_fn: ModelFn = cast(ModelFn, model_fn)
+    self.loss_head = loss_head
+    self.augment = augment
+    self.keyed = self.stateful or augment is not None
+    self.coupled: Optional[bool] = None
     # Any optax transformation may run U-SGD: give it the extra-args calling
     # convention (samplers that boost the learning rate check at trace time
     # that r reaches it).
     self.optimizer = optax.with_extra_args_support(optimizer)
     self.sampler = sampler
     self.norms = check_norms(norms, exact_method, sampler)
+    if self.stateful and self.norms == "proxy":
+      raise ValueError(
+          "norms='proxy' splits each batch into two halves run as separate "
+          "batches, which would change a stateful model's training (BatchNorm "
+          "statistics of half batches): use norms='exact' with a "
+          "rais_jax.StatefulModel.")
     self.exact_method = exact_method
     self.batch_sharding = batch_sharding
-    self.loss_fn = loss_fn_of(model_fn, loss_head)
+    # The loss in inference mode (the oracle, the exact gain ratio, the
+    # per-example checks); a stateful model's reads its state from the step.
+    self.loss_fn = loss_fn_of(self.model_fn, loss_head) if not self.stateful else None
     self.chosen_methods: dict[Any, str] = {}
 
-  def method_for(self, params: PyTree, batch: PyTree) -> str:
-    """``exact_method``, with "auto" measured once per shape (at trace time)."""
+  def eval_loss_fn(self, model_state: PyTree):
+    """``loss_fn(params, batch)`` in inference mode with ``model_state``."""
+    if not self.stateful:
+      return self.loss_fn
+    return loss_fn_of(inference(self.model, model_state), self.loss_head)
+
+  def method_for(self, params: PyTree, batch: PyTree, model_state: PyTree = ()
+                 ) -> str:
+    """``exact_method``, with "auto" measured once per shape (at trace time;
+    a stateful model's in inference mode; a coupled one's is ghost)."""
     if self.exact_method != "auto":
       return self.exact_method
+    if self.coupled:
+      return "ghost"
     leaves, tree = jax.tree.flatten((params, batch))
     key = (tree, tuple((x.shape, jnp.dtype(x.dtype)) for x in leaves))
     if key not in self.chosen_methods:
-      self.chosen_methods[key] = norms_lib.choose_method(self.loss_fn, params, batch)
+      self.chosen_methods[key] = norms_lib.choose_method(
+          self.eval_loss_fn(model_state), params, batch)
     return self.chosen_methods[key]
 
   def gather(self, data: PyTree, indices: chex.Array) -> PyTree:
@@ -162,19 +199,54 @@ class StepSpec:
     return gain_ratio_lib.estimate(moments, smp.batch_size, r_max=smp.r_max,
                                    scale_free=self.norms == "proxy")
 
-  def check_on_data(self, params: PyTree, data: PyTree) -> None:
+  def check_on_data(self, params: PyTree, data: PyTree, model_state: PyTree = ()
+                    ) -> None:
     """:func:`check_data`, then :meth:`check` on one batch of m rows of ``data``."""
     check_data(data, self.sampler.num_examples)
     m = self.sampler.batch_size
     self.check(params, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), data))
+        lambda x: jax.ShapeDtypeStruct((m,) + x.shape[1:], x.dtype), data),
+               model_state)
 
-  def check(self, params: PyTree, batch: PyTree) -> None:
+  def check(self, params: PyTree, batch: PyTree, model_state: PyTree = ()) -> None:
     """Trace-time checks of the optimizer, and of the loss on one batch's
-    shapes (``jax.ShapeDtypeStruct`` leaves)."""
+    shapes (``jax.ShapeDtypeStruct`` leaves); for a stateful model, whether
+    its training-mode loss couples examples (:attr:`coupled`)."""
     if self.sampler.boosts_lr:
       check_gain_ratio_consumed(self.optimizer, params)
-    norms_lib.check_loss_fn(self.loss_fn, params, batch)
+    norms_lib.check_loss_fn(self.eval_loss_fn(model_state), params, batch)
+    if self.stateful and self.coupled is None:
+      # Not probed (None) counts as coupled: ghost norms then insist on the
+      # batched trace, which gives the shares either way.
+      self.coupled = separability.is_separable(
+          self._probe_loss(model_state), params, batch) is not True
+      if (self.coupled and self.norms == "exact"
+          and self.exact_method not in ("ghost", "auto")):
+        raise ValueError(
+            "the model's training-mode loss couples the examples of a batch "
+            "(BatchNorm): per-example gradients are not defined, and "
+            f"exact_method={self.exact_method!r} would compute those of another "
+            "function. Use exact_method='ghost', which measures each example's "
+            "share of the training gradient (see rais_jax.model).")
+
+  def _probe_loss(self, model_state: PyTree):
+    """The training-mode loss with concrete stand-ins for the state and key,
+    for the separability probe."""
+    with jax.ensure_compile_time_eval():  # concrete, also inside a trace
+      state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), model_state)
+      key = jax.random.key(0)
+    return lambda p, b: self.loss_head(
+        self.model.apply(p, state, b, key, True)[0], b)
+
+  def prepare(self, batch: PyTree, step_key: Optional[chex.PRNGKey]
+              ) -> tuple[PyTree, Optional[chex.PRNGKey]]:
+    """The batch augmented (if asked) and the model's key, from the step's."""
+    if step_key is None:
+      return batch, None
+    model_key, augment_key = jax.random.split(step_key)
+    if self.augment is not None:
+      batch = self.place(augment_lib.batch(self.augment, augment_key, batch))
+    return batch, model_key
 
 
 def _tree_select(pred: chex.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
@@ -182,7 +254,8 @@ def _tree_select(pred: chex.Array, on_true: PyTree, on_false: PyTree) -> PyTree:
 
 
 # The carry of the step: (params, opt_state, moments, skipped steps, the
-# sampler state when the sampler chooses inside the step, else None).
+# sampler state when the sampler chooses inside the step, else None, the
+# model state).
 Carry = tuple
 
 
@@ -192,7 +265,8 @@ def train_step(spec: StepSpec, data: Optional[PyTree], context: PyTree, carry: C
   """One SGD step: no branch, no callback.
 
   ``xs`` is the step's draw, gathered from ``data``; or, with ``data`` None,
-  (draw, the batch a loader fetched for it). ``context`` is the sampler
+  (draw, the batch a loader fetched for it); with ``spec.keyed``, that and
+  the step's key (:func:`rais_jax.model.step_keys`). ``context`` is the sampler
   state the draw came from (e.g. InfoBatch's schedule advance is read from
   it). ``guarded`` selects the old parameters and optimizer state when the
   step's loss or gradient is not finite (a select keeps both versions
@@ -205,19 +279,29 @@ def train_step(spec: StepSpec, data: Optional[PyTree], context: PyTree, carry: C
 
   Returns the carry and (what the sampler folds in, the step's metrics).
   """
-  params, opt_state, moments, skipped, chooser = carry
+  params, opt_state, moments, skipped, chooser, model_state = carry
   smp = spec.sampler
+  xs, step_key = xs if spec.keyed else (xs, None)
   drawn, loaded = xs if data is None else (xs, None)
   if smp.select is not None:  # forward the candidates, let the sampler choose
-    candidate_losses = spec.loss_fn(params, spec.gather(data, drawn.indices))
+    candidate_losses = spec.eval_loss_fn(model_state)(
+        params, spec.gather(data, drawn.indices))
     indices, weights, chooser = smp.select(chooser, drawn, candidate_losses)
   else:
     indices, weights = drawn.indices, drawn.weights
   batch = spec.gather(data, indices) if loaded is None else spec.place(loaded)
-  grads, u, inner, losses = measured_gradient(
-      spec.model_fn, spec.loss_head, params, batch, weights, norms=spec.norms,
-      exact_method=(spec.method_for(params, batch) if spec.norms == "exact"
-                    else "ghost"))
+  batch, model_key = spec.prepare(batch, step_key)
+  method = (spec.method_for(params, batch, model_state) if spec.norms == "exact"
+            else "ghost")
+  if spec.stateful:
+    grads, u, inner, losses, new_model_state = measured_gradient_stateful(
+        spec.model, spec.loss_head, params, model_state, model_key, batch, weights,
+        norms=spec.norms, exact_method=method, coupled=bool(spec.coupled))
+  else:
+    grads, u, inner, losses = measured_gradient(
+        spec.model_fn, spec.loss_head, params, batch, weights, norms=spec.norms,
+        exact_method=method)
+    new_model_state = model_state
   loss = jnp.mean(weights * losses)
   # r comes from past steps only, so this step's noise does not set its own
   # learning rate.
@@ -243,8 +327,9 @@ def train_step(spec: StepSpec, data: Optional[PyTree], context: PyTree, carry: C
   if guarded:
     new_params = _tree_select(applied, new_params, params)
     new_opt_state = _tree_select(applied, new_opt_state, opt_state)
+    new_model_state = _tree_select(applied, new_model_state, model_state)
     skipped = skipped + (~applied).astype(jnp.int32)
-  carry = (new_params, new_opt_state, moments, skipped, chooser)
+  carry = (new_params, new_opt_state, moments, skipped, chooser, new_model_state)
   measured = u if smp.measures_norms else losses if smp.folds_losses else None
   return carry, (measured, StepMetrics(loss=loss, gain_ratio=r,
                                        grad_sq_norm=grad_sq_norm, applied=applied))
@@ -314,7 +399,7 @@ def block_steps(spec: StepSpec, data: Optional[PyTree], context: PyTree,
   fast, out = scan_steps(spec, data, context, carry, xs, guarded=False)
   _, metrics = out
   ok = jnp.all(metrics.applied)
-  ok &= jnp.isfinite(sum(jnp.sum(x) for x in jax.tree.leaves((fast[0], fast[1]))
+  ok &= jnp.isfinite(sum(jnp.sum(x) for x in jax.tree.leaves((fast[0], fast[1], fast[5]))
                          if jnp.issubdtype(x.dtype, jnp.inexact)))
   return jax.lax.cond(
       ok, lambda: (fast, out),
@@ -322,18 +407,26 @@ def block_steps(spec: StepSpec, data: Optional[PyTree], context: PyTree,
 
 
 def run_block(spec: StepSpec, state: TrainState, data: Optional[PyTree], drawn: Any,
-              xs: Any) -> tuple[TrainState, StepMetrics]:
+              xs: Any, key: Optional[chex.PRNGKey] = None
+              ) -> tuple[TrainState, StepMetrics]:
   """Scan the block's steps over ``xs`` (the draw, or the draw with its loaded
-  batches) and fold the measurements into the sampler state."""
+  batches) and fold the measurements into the sampler state. ``key``: the
+  block's key, from which each step's comes (for ``spec.keyed``)."""
   smp = spec.sampler
   k = drawn.indices.shape[0]
+  if spec.keyed:
+    if key is None:
+      raise ValueError("this model or augmentation needs a key per block: pass "
+                       "the block's key.")
+    xs = (xs, step_keys(key, state.step + jnp.arange(k)))
   chooser = state.sampler if smp.select is not None else None
   carry = (state.params, state.opt_state, state.moments, state.skipped_steps,
-           chooser)
+           chooser, state.model_state)
   carry, (measured, metrics) = block_steps(spec, data, state.sampler, carry, xs)
-  params, opt_state, moments, skipped, chooser = carry
+  params, opt_state, moments, skipped, chooser, model_state = carry
   sampler_state = state.sampler if chooser is None else chooser
   return TrainState(
       params=params, opt_state=opt_state,
       sampler=smp.fold_in(sampler_state, drawn, measured),
-      moments=moments, step=state.step + k, skipped_steps=skipped), metrics
+      moments=moments, step=state.step + k, skipped_steps=skipped,
+      model_state=model_state), metrics

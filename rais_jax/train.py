@@ -22,7 +22,9 @@ import chex
 import jax
 import optax
 
-from rais_jax.measure import LossHead, ModelFn, all_exact_norms
+from rais_jax.augment import Augment
+from rais_jax.measure import LossHead, all_exact_norms
+from rais_jax.model import ModelFn, StatefulModel, step_keys
 from rais_jax.pt import periodic
 from rais_jax.sampler import Sampler
 from rais_jax.step import StepMetrics, StepSpec, TrainState, train_step
@@ -30,19 +32,22 @@ from rais_jax.step import StepMetrics, StepSpec, TrainState, train_step
 PyTree = Any
 
 
-def make_train_step(model_fn: ModelFn, loss_head: LossHead,
+def make_train_step(model_fn: ModelFn | StatefulModel, loss_head: LossHead,
                     optimizer: optax.GradientTransformationExtraArgs,
                     sampler: Sampler, *, norms: Optional[str] = "exact",
                     oracle_period: Optional[int] = None,
                     oracle_chunk_size: Optional[int] = None,
                     exact_method: str = "ghost",
-                    batch_sharding: Optional[jax.sharding.Sharding] = None
+                    batch_sharding: Optional[jax.sharding.Sharding] = None,
+                    augment: Optional[Augment] = None
                     ) -> Callable[[TrainState, chex.PRNGKey, PyTree],
                                   tuple[TrainState, StepMetrics]]:
   """Builds ``step(state, key, data) -> (state, metrics)``.
 
   Args:
-    model_fn: ``(params, batch) -> outputs`` (e.g. logits).
+    model_fn: ``(params, batch) -> outputs`` (e.g. logits), or a
+      :class:`~rais_jax.StatefulModel` (BatchNorm, dropout: its state goes in
+      :func:`rais_jax.init_train_state`; see :mod:`rais_jax.model`).
     loss_head: ``(outputs, batch) -> (m,)`` per-example losses.
     optimizer: an optax transformation whose updates use the ``gain_ratio``
       extra argument, e.g. :func:`rais_jax.rais_sgd`, or
@@ -75,6 +80,9 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
       Over several devices the sampler must use ``pt_mode="sync"``: an
       asynchronous (PT) solve inside a multi-device computation deadlocked
       (CPU, 2 and 4 simulated devices), so that is refused.
+    augment: ``augment(key, example) -> example``, applied on device to each
+      example of the step (:mod:`rais_jax.augment`). The step's key for the
+      model and the augmentation is ``step_keys(key, state.step)``.
 
   Returns:
     The step function.
@@ -84,7 +92,8 @@ def make_train_step(model_fn: ModelFn, loss_head: LossHead,
         f"the {sampler.name!r} sampler plans whole epochs: train it with "
         "rais_jax.make_runner and Runner.run_epoch.")
   spec = StepSpec(model_fn, loss_head, optimizer, sampler, norms=norms,
-                  exact_method=exact_method, batch_sharding=batch_sharding)
+                  exact_method=exact_method, batch_sharding=batch_sharding,
+                  augment=augment)
   if (batch_sharding is not None and len(batch_sharding.device_set) > 1
       and sampler.pt_mode == "async"):
     raise ValueError(
@@ -104,23 +113,24 @@ def per_step(spec: StepSpec, oracle_period: int, oracle_chunk: int,
   the draw of m indices, the one guarded step, the fold-in, the (PT)
   hand-off (:func:`rais_jax.pt.periodic.advance`)."""
   sampler = spec.sampler
-  spec.check_on_data(state.params, data)
+  spec.check_on_data(state.params, data, state.model_state)
   sampler_state = state.sampler
   if sampler.refresh is not None:
     refresh = sampler.refresh
     sampler_state = jax.lax.cond(
         state.step % oracle_period == 0,
         lambda s: refresh(s, all_exact_norms(
-            spec.loss_fn, state.params, data, chunk_size=oracle_chunk,
-            method=spec.exact_method)),
+            spec.eval_loss_fn(state.model_state), state.params, data,
+            chunk_size=oracle_chunk, method=spec.exact_method)),
         lambda s: s, sampler_state)
   drawn = sampler.sample(sampler_state, key)
   chooser = sampler_state if sampler.select is not None else None
   carry = (state.params, state.opt_state, state.moments, state.skipped_steps,
-           chooser)
+           chooser, state.model_state)
+  xs = (drawn, step_keys(key, state.step[None])[0]) if spec.keyed else drawn
   carry, (measured, metrics) = train_step(
-      spec, data, sampler_state, carry, drawn, guarded=True, measure_grad=True)
-  params, opt_state, moments, skipped, chooser = carry
+      spec, data, sampler_state, carry, xs, guarded=True, measure_grad=True)
+  params, opt_state, moments, skipped, chooser, model_state = carry
   if chooser is not None:
     sampler_state = chooser
   sampler_state = sampler.fold_in(sampler_state, drawn, measured)
@@ -128,4 +138,5 @@ def per_step(spec: StepSpec, oracle_period: int, oracle_chunk: int,
   if sampler.pt is not None:
     sampler_state = periodic.advance(sampler.pt, sampler_state, new_step)
   return TrainState(params=params, opt_state=opt_state, sampler=sampler_state,
-                    moments=moments, step=new_step, skipped_steps=skipped), metrics
+                    moments=moments, step=new_step, skipped_steps=skipped,
+                    model_state=model_state), metrics

@@ -184,8 +184,34 @@ def test_cli_npz_dataset_with_cnn(tmp_path):
   assert not (tmp_path / "out" / "loss_vs_wall_clock.png").exists()
 
 
+def test_cli_resnet_with_augmentation_and_dropout_runs_every_method(tmp_path):
+  """``--model resnet --augment --dropout``: BatchNorm, dropout and crop+flip,
+  with a method of each kind on it (tiny npz images): U-SGD, RAIS (norms of
+  a coupled loss), O-SGD (the oracle's norms in inference mode),
+  Selective-Backprop (candidates forwarded in inference mode). naive,
+  loss-is and InfoBatch take RAIS's or U-SGD's step (a test of each on the
+  ResNet costs ~15 s of compilation)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(96, 8, 8)).astype(np.float32)
+  y = (x[:, :4].mean((1, 2)) > 0).astype(np.int64)
+  np.savez(tmp_path / "d.npz", x_train=x[:64], y_train=y[:64], x_test=x[64:], y_test=y[64:])
+  methods = "usgd,rais,osgd,selective-backprop"
+  results = cli.run(["compare", "--dataset", f"npz:{tmp_path / 'd.npz'}", "--model",
+                     "resnet", "--augment", "--dropout", "0.1", "--methods", methods,
+                     "--epochs", "1", "--seeds", "0", "--batch-size", "16",
+                     "--oracle-period", "4", "--out", str(tmp_path / "out"), "--no-plots"])
+  assert results["config"]["augment"] and results["config"]["dropout"] == 0.1
+  for method, by_seed in results["runs"].items():
+    curve = by_seed["0"]["curve"]
+    assert all(np.isfinite(p["train_loss"]) for p in curve), method
+    assert curve[-1]["skipped_steps"] == 0, method
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--methods", "usgd,sgd"], "methods must be"),
+    (["--model", "cnn", "--dropout", "0.2"], "no dropout"),
+    (["--dropout", "1"], "dropout must lie"),
+    (["--augment"], "mnist1d holds 1-D"),
     (["--seeds", "a,b"], "comma-separated integers"),
     (["--dataset", "npz:/nonexistent.npz"], "does not exist"),
     (["--epochs", "0"], "epochs must be"),

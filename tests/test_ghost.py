@@ -91,11 +91,12 @@ def test_batched_trace_matches_the_one_example_trace(name, monkeypatch):
   taken = []
   original = batched_lib.batched_trace
   monkeypatch.setattr(batched_lib, "batched_trace",
-                      lambda *a: taken.append(original(*a) is not None) or original(*a))
+                      lambda *a, **k: taken.append(original(*a, **k) is not None)
+                      or original(*a, **k))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     batched = run()
-    monkeypatch.setattr(batched_lib, "batched_trace", lambda *a: None)
+    monkeypatch.setattr(batched_lib, "batched_trace", lambda *a, **k: None)
     fallback = run()
   assert taken == [name != "rnn"]
   np.testing.assert_allclose(batched[2], fallback[2], rtol=1e-5)

@@ -38,7 +38,13 @@ def parser() -> argparse.ArgumentParser:
                  help="mnist1d (generated, no download), fashion-mnist (local "
                  "IDX files) or npz:PATH (arrays x_train, y_train, x_test, "
                  "y_test)")
-  c.add_argument("--model", choices=["mlp", "cnn"], default=_DEFAULTS.model)
+  c.add_argument("--model", choices=list(compare.MODELS), default=_DEFAULTS.model,
+                 help="resnet: a small pre-activation ResNet with BatchNorm")
+  c.add_argument("--augment", action="store_true",
+                 help="random crop (padding 2) and horizontal flip of every "
+                      "training example, on device (images)")
+  c.add_argument("--dropout", type=float, default=_DEFAULTS.dropout,
+                 help="dropout rate of the mlp's or resnet's hidden layers")
   c.add_argument("--methods", type=_methods, default=",".join(_DEFAULTS.methods),
                  help="comma-separated, of: " + ", ".join(compare.METHODS))
   c.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 import rais_jax as rj
 from rais_jax.experiments import data as data_lib
-from rais_jax.experiments.models import functional, make_model
+from rais_jax.experiments.models import MODELS, functional, make_model, stateful
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -82,6 +82,10 @@ class CompareConfig:
   hidden: tuple[int, ...] = (256, 256)
   num_samples: int = 10_000  # MNIST-1D only
   data_dir: Optional[str] = None
+  # Random crop (padding 2) and horizontal flip of every training example,
+  # on device (images only).
+  augment: bool = False
+  dropout: float = 0.0  # dropout rate of the MLP's or the ResNet's hidden layers
 
   def validate(self, known: Sequence[str] = ()) -> None:
     """One clear error per bad field; ``known``: the method names on offer
@@ -116,6 +120,27 @@ class CompareConfig:
       raise ValueError(f"infobatch_ratio must lie in [0, 1); got {self.infobatch_ratio}.")
     if not 0 <= self.infobatch_delta <= 1:
       raise ValueError(f"infobatch_delta must lie in [0, 1]; got {self.infobatch_delta}.")
+    if self.model not in MODELS:
+      raise ValueError(f"model must be one of {MODELS}; got {self.model!r}.")
+    if not 0 <= self.dropout < 1:
+      raise ValueError(f"dropout must lie in [0, 1); got {self.dropout}.")
+    if self.dropout and self.model == "cnn":
+      raise ValueError("the cnn model has no dropout; use mlp or resnet.")
+    if self.augment and self.dataset == "mnist1d":
+      raise ValueError("augment crops and flips images; mnist1d holds 1-D "
+                       "signals. Use it with fashion-mnist or an image data set.")
+
+  @property
+  def stateful(self) -> bool:
+    """The model has state or randomness (BatchNorm, dropout)."""
+    return self.model == "resnet" or self.dropout > 0
+
+
+def augmentation(config: CompareConfig) -> Optional[rj.augment.Augment]:
+  """Random crop (padding 2) then horizontal flip, if ``config.augment``."""
+  if not config.augment:
+    return None
+  return rj.augment.chain(rj.augment.random_crop(2), rj.augment.horizontal_flip())
 
 
 def schedule(config: CompareConfig, total_steps: int) -> optax.Schedule:
@@ -170,6 +195,7 @@ class MethodRunner:
 
   def __init__(self, method: str, factory: MethodFactory, config: CompareConfig,
                train, test, labels, classes: int, model_fn):
+    """``model_fn``: a plain model function or a :class:`rais_jax.StatefulModel`."""
     self.method, self.train, self.test = method, train, test
     n, m = len(labels), config.batch_size
     if m > n:
@@ -190,14 +216,18 @@ class MethodRunner:
                                  norms=norms,
                                  exact_method=config.exact_method,
                                  block_size=self.block_size,
-                                 oracle_period=config.oracle_period)
-    self.evaluate = jax.jit(lambda p, d: rj.evaluate(model_fn, head, p, d))
+                                 oracle_period=config.oracle_period,
+                                 augment=augmentation(config))
+    # In inference mode (BatchNorm's running averages, no dropout), on the
+    # training set as given (not augmented).
+    self.evaluate = jax.jit(lambda p, s, d: rj.evaluate(rj.inference(model_fn, s),
+                                                        head, p, d))
     self.n, self.m = n, m
     self.compiled = False
 
   def point(self, state, epoch: float, wall: float, r: float) -> dict:
-    tr = self.evaluate(state.params, self.train)
-    te = self.evaluate(state.params, self.test)
+    tr = self.evaluate(state.params, state.model_state, self.train)
+    te = self.evaluate(state.params, state.model_state, self.test)
     diag = getattr(state.sampler, "diagnostics", None)
     count = lambda name: 0 if diag is None else int(getattr(diag, name))
     # Selective-Backprop's and InfoBatch's own counters.
@@ -244,7 +274,8 @@ class MethodRunner:
   def _tau(state) -> float:
     return float(rj.equivalent_iterations(state.opt_state))
 
-  def run(self, params, seed: int, epochs: int, *, quiet: bool = False) -> dict:
+  def run(self, params, seed: int, epochs: int, *, quiet: bool = False,
+          model_state: Any = ()) -> dict:
     """Trains one seed. The methods that raise the learning rate by the
     gain ratio (RAIS, O-SGD, naive) run until their schedule's budget of
     ``epochs`` epochs *equivalent* is spent (τ = U-SGD's number of steps; no
@@ -256,13 +287,13 @@ class MethodRunner:
       # block, the (PT) delivery and submission, the solver), then one
       # epoch whose result is dropped (compiling alone left the first timed
       # epoch measurably slower).
-      self.runner.warm_up(params, self.train)
-      jax.block_until_ready(self.runner.run_epoch(self.runner.init(params), key,
+      self.runner.warm_up(params, self.train, model_state)
+      jax.block_until_ready(self.runner.run_epoch(self.runner.init(params, model_state), key,
                                                   self.train))
       self.runner.close()
       self.compiled = True
     budget = epochs * self.steps_per_epoch
-    state = self.runner.init(params)
+    state = self.runner.init(params, model_state)
     curve, wall, gain, schedule_end = [self.point(state, 0, 0.0, 1.0)], 0.0, 0.0, None
     # disable=None: a bar on a terminal only, never in a log file.
     bar = tqdm(range(1, epochs + 1), desc=f"{self.method} seed {seed}",
@@ -430,8 +461,10 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
   test = {"x": jnp.asarray(raw["x_test"]), "label": jnp.asarray(raw["y_test"])}
   input_shape = raw["x_train"].shape[1:]
   # One model per seed (its initialisation); all share one apply function.
-  models = {s: functional(make_model(config.model, input_shape, classes,
-                                     hidden=config.hidden, rngs=nnx.Rngs(s)))
+  split = stateful if config.stateful else lambda module: (*functional(module), ())
+  models = {s: split(make_model(config.model, input_shape, classes,
+                                hidden=config.hidden, dropout=config.dropout,
+                                rngs=nnx.Rngs(s)))
             for s in config.seeds}
   model_fn = models[config.seeds[0]][0]
   runs: dict[str, dict[str, dict]] = {}
@@ -442,7 +475,8 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
     unbiased[method] = runner.sampler.unbiased
     runs[method] = {}
     for seed in config.seeds:
-      run = runner.run(models[seed][1], seed, config.epochs, quiet=quiet)
+      run = runner.run(models[seed][1], seed, config.epochs, quiet=quiet,
+                       model_state=models[seed][2])
       runs[method][str(seed)] = run
       last = run["curve"][-1]
       if not quiet:

@@ -38,21 +38,33 @@ def to_examples(x: chex.Array, axis: int) -> chex.Array:
   return x[None] if axis == -1 else jnp.expand_dims(jnp.moveaxis(x, axis, 0), axis + 1)
 
 
-def batched_trace(loss_fn, p_def, b_def, p_leaves, b_leaves, sites, arg_tags):
+def batched_trace(loss_fn, p_def, b_def, p_leaves, b_leaves, sites, arg_tags, *,
+                  has_aux: bool = False):
   """The loss traced at the batch's size, if it has the same sites as the
   one-example trace with the examples along one axis of every data operand
   and site output (and fixed operands of the same shape); else None.
 
-  Returns (jaxpr, consts, sites, data_axes, out_axes).
+  Returns (jaxpr, consts, sites, data_axes, out_axes, the treedef of the
+  aux outputs or None). With ``has_aux`` the jaxpr's outputs are the losses
+  then the aux leaves.
   """
   m = b_leaves[0].shape[0]
+  aux_def = []
+
+  def flat(pl, bl):
+    out = loss_fn(p_def.unflatten(pl), b_def.unflatten(bl))
+    if not has_aux:
+      return [out]
+    aux, tree = jax.tree.flatten(out[1])
+    aux_def.append(tree)
+    return [out[0], *aux]
+
   try:
-    closed = jax.make_jaxpr(
-        lambda pl, bl: loss_fn(p_def.unflatten(pl), b_def.unflatten(bl)))(
-            p_leaves, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in b_leaves])
+    closed = jax.make_jaxpr(flat)(
+        p_leaves, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in b_leaves])
   except Exception:  # pylint: disable=broad-except
     return None  # e.g. a loss that only traces at batch size 1
-  if [v.aval.shape for v in closed.jaxpr.outvars] != [(m,)]:
+  if closed.jaxpr.outvars[0].aval.shape != (m,):
     return None
   walker = Walker("discover")
   walker.run(closed.jaxpr, [ABSENT] * len(closed.consts),
@@ -74,4 +86,5 @@ def batched_trace(loss_fn, p_def, b_def, p_leaves, b_leaves, sites, arg_tags):
       return None
     data_axes.append(axes[0])
     out_axes.append(axes[1])
-  return closed.jaxpr, closed.consts, bsites, data_axes, out_axes
+  return (closed.jaxpr, closed.consts, bsites, data_axes, out_axes,
+          aux_def[0] if has_aux else None)
