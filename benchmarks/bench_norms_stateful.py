@@ -12,13 +12,21 @@ Two jitted functions are timed round-robin in one process (medians):
   (the same gradient and model state, the losses and all m norms).
 
 Also XLA's cost analysis of each compiled function (flops and bytes
-accessed), to say where the extra time goes. Goal (issue 27): ghost/plain
-≤ 1.25 on the ResNet at m = 128.
+accessed), and with ``--profile`` a JAX profiler trace of ``--profile-calls``
+calls of each, its XLA operations' times summed by operation kind
+(results/OUT_profile.md): where the extra time goes. Goal (issue 27):
+ghost/plain ≤ 1.25 on the ResNet at m = 128.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import gzip
+import json
+import pathlib
+import re
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +50,35 @@ def _cost(compiled) -> tuple[float, float]:
   return float(cost.get("flops", np.nan)), float(cost.get("bytes accessed", np.nan))
 
 
+def _profile(fn, calls: int) -> dict[str, float]:
+  """Milliseconds per call of each kind of XLA operation (the trace's event
+  names without their numeric suffixes), from a perfetto trace."""
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+    for _ in range(calls):
+      jax.block_until_ready(fn())
+    jax.profiler.stop_trace()
+    (path,) = pathlib.Path(tmp).rglob("perfetto_trace.json.gz")
+    events = json.loads(gzip.decompress(path.read_bytes()))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  totals: dict[str, float] = collections.defaultdict(float)
+  for e in events:
+    if e.get("ph") == "X" and "dur" in e:
+      kind = re.sub(r"[.\d]+$", "", e.get("name", "?"))
+      totals[kind] += e["dur"] / 1e3 / calls
+  return dict(totals)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--models", nargs="+", default=list(MODELS))
   p.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
   p.add_argument("--repeats", type=int, default=15)
   p.add_argument("--out", default="norms_stateful")
+  p.add_argument("--profile", action="store_true")
+  p.add_argument("--profile-calls", type=int, default=10)
   args = p.parse_args(argv)
+  profiles = []
   head = rj.softmax_cross_entropy_head()
   rows = []
   for name in args.models:
@@ -78,6 +108,14 @@ def main(argv=None):
       times = interleaved_medians({k: (lambda c=c: c(params, state, batch))
                                    for k, c in compiled.items()}, repeats=args.repeats)
       (pf, pb), (gf, gb) = _cost(compiled["plain"]), _cost(compiled["ghost"])
+      if args.profile:
+        kinds = {k: _profile(lambda c=c: c(params, state, batch), args.profile_calls)
+                 for k, c in compiled.items()}
+        for kind in sorted(set(kinds["plain"]) | set(kinds["ghost"]),
+                           key=lambda x: -kinds["ghost"].get(x, 0))[:15]:
+          profiles.append({"model": name, "m": m, "operation": kind,
+                           "plain_ms": kinds["plain"].get(kind, 0.0),
+                           "ghost_ms": kinds["ghost"].get(kind, 0.0)})
       rows.append({"model": name, "m": m, "plain_ms": 1e3 * times["plain"],
                    "ghost_ms": 1e3 * times["ghost"],
                    "ghost/plain": times["ghost"] / times["plain"],
@@ -88,6 +126,11 @@ def main(argv=None):
              "Exact norms on stateful models: ghost vs a plain training-mode gradient "
              "(jitted, interleaved medians)")
   print(md)
+  if profiles:
+    print(write(args.out + "_profile", profiles,
+                ["model", "m", "operation", "plain_ms", "ghost_ms"],
+                "Where the time goes: XLA operations by kind, ms per call summed over "
+                "the trace (the 15 largest in the ghost pass per model)"))
 
 
 if __name__ == "__main__":

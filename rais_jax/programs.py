@@ -121,6 +121,10 @@ class BlockPrograms:
     def block(state, _):
       return self.steps(state, jax.random.fold_in(key, state.step), data,
                         num_steps=num_steps)
+    if self.spec.unroll and num_blocks == 1:
+      # Unrolled steps are dispatched one block at a time (Runner.run): a
+      # scan of length 1 would still be a loop around them.
+      return block(state, None)
     state, metrics = jax.lax.scan(block, state, None, length=num_blocks)
     return state, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), metrics)
 

@@ -147,7 +147,9 @@ class Runner:
     # runner's breaks: stop there too.
     programs = sched.programs(step, num_steps,
                               also_at=() if due_key is None else (due_key[2],))
-    if loader is not None:  # the host loads every block
+    if loader is not None or self.programs.spec.unroll:
+      # The host loads every block; or the steps are unrolled, and a scan
+      # over blocks would put them back in a loop.
       programs = [(1, length) for count, length in programs for _ in range(count)]
     for count, length in programs:
       if smp.refresh is not None and self.programs.refresh_due(step):
@@ -221,6 +223,10 @@ class Runner:
     if smp.plan_epoch is not None:  # its epochs vary in length
       state = self.compiled.plan(state, jax.random.key(0))
       programs |= {(1, n) for n in powers_of_two(k - 1)}
+    if self.programs.spec.unroll:  # run() dispatches unrolled blocks one by one
+      programs = {(1, length) for _, length in programs}
+      epochs = [[(1, length) for count, length in sched for _ in range(count)]
+                for sched in epochs]
     metrics = {}
     for count, length in sorted(programs):
       state, metrics[count, length] = self.compiled.blocks(
@@ -271,7 +277,7 @@ def make_runner(model_fn: ModelFn | StatefulModel, loss_head: LossHead,
                 oracle_period: int = 1, oracle_chunk_size: Optional[int] = None,
                 batch_sharding: Optional[jax.sharding.Sharding] = None,
                 pt_device: Optional[jax.Device] = None,
-                augment: Optional[Augment] = None) -> Runner:
+                augment: Optional[Augment] = None, unroll: bool = False) -> Runner:
   """The fast path for any :class:`~rais_jax.Sampler`: blocks of K steps.
 
   Args:
@@ -308,13 +314,18 @@ def make_runner(model_fn: ModelFn | StatefulModel, loss_head: LossHead,
     augment: ``augment(key, example) -> example``, applied on device to each
       example of every step (:mod:`rais_jax.augment`), after the gather or
       the loader's fetch.
+    unroll: compile each block's K steps unrolled (and dispatch blocks one
+      by one) instead of as a loop. For convolutional models on CPU: XLA:CPU
+      runs convolutions inside a loop body several times slower than
+      outside one (jax-ml/jax#12868; the CHANGELOG has the measurement), at
+      the price of K times the compilation.
 
   Returns:
     A :class:`Runner`.
   """
   spec = StepSpec(model_fn, loss_head, optimizer, sampler, norms=norms,
                   exact_method=exact_method, batch_sharding=batch_sharding,
-                  augment=augment)
+                  augment=augment, unroll=unroll)
   if block_size < 1:
     raise ValueError(f"block_size must be ≥ 1; got {block_size}.")
   if oracle_period < 1:

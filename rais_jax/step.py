@@ -134,8 +134,9 @@ class StepSpec:
                optimizer: optax.GradientTransformation, sampler: Sampler, *,
                norms: Optional[str], exact_method: str,
                batch_sharding: Optional[jax.sharding.Sharding] = None,
-               augment: Optional[augment_lib.Augment] = None):
+               augment: Optional[augment_lib.Augment] = None, unroll: bool = False):
     self.model, self.stateful = as_stateful(model_fn)
+    self.unroll = unroll
     # The plain form (used where the model is not stateful).
     self.model_fn: ModelFn = cast(ModelFn, model_fn)
     self.loss_head = loss_head
@@ -367,13 +368,15 @@ def scan_steps(spec: StepSpec, data: Optional[PyTree], context: PyTree,
   every_step = guarded or spec.norms == "proxy"
   if every_step or not spec.sampler.boosts_lr:
     carry, (measured, stacked) = jax.lax.scan(
-        functools.partial(step, measure_grad=every_step), carry, xs)
+        functools.partial(step, measure_grad=every_step), carry, xs,
+        unroll=spec.unroll)
   else:
     k = jax.tree.leaves(xs)[0].shape[0]
     carry, first = step(carry, jax.tree.map(lambda x: x[0], xs), measure_grad=True,
                         grad_rate=grad_rate(spec.sampler.ema_rate, k))
     carry, rest = jax.lax.scan(functools.partial(step, measure_grad=False),
-                               carry, jax.tree.map(lambda x: x[1:], xs))
+                               carry, jax.tree.map(lambda x: x[1:], xs),
+                               unroll=spec.unroll)
     measured, stacked = jax.tree.map(
         lambda a, b: jnp.concatenate([a[None], b]), first, rest)
   loss, r, g2, applied = stacked.T

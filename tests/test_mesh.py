@@ -53,6 +53,36 @@ SCRIPT = textwrap.dedent('''
       # Float tolerance: the trees hold sums of thousands of terms.
       jax.tree.map(lambda x, y: np.testing.assert_allclose(
           np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5, atol=1e-5), a, b)
+
+    # A stateful model: BatchNorm in training mode (its statistics over the
+    # whole batch, across the devices) and dropout (keyed by the step).
+    from rais_jax.experiments.models import BatchNorm, stateful
+
+    class Net(nnx.Module):
+      def __init__(self, rngs):
+        self.hidden, self.bn = nnx.Linear(8, 16, rngs=rngs), BatchNorm(16)
+        self.drop, self.out = nnx.Dropout(0.2, rngs=rngs), nnx.Linear(16, K, rngs=rngs)
+
+      def __call__(self, x):
+        return self.out(self.drop(jax.nn.relu(self.bn(self.hidden(x)))))
+
+    model, net_params, model_state = stateful(Net(nnx.Rngs(0)))
+    runs = []
+    for sharding in (None, NamedSharding(mesh, P("data"))):
+      sampler = rj.rais_sampler(rj.default_features(labels, K), batch_size=m,
+                                buffer_size=64, pt_mode="sync")
+      opt = rj.rais_sgd(0.05, momentum=0.9)
+      step = rj.make_train_step(model, rj.softmax_cross_entropy_head(), opt, sampler,
+                                batch_sharding=sharding)
+      runs.append(jax.jit(lambda s, k: jax.lax.scan(
+          lambda c, kk: step(c, kk, data), s, k)[0]))
+    # From one fitted state (a run's draws part ways at the first rounding
+    # difference), one step on one device and on four.
+    warm = runs[0](rj.init_train_state(net_params, opt, sampler, model_state), keys[:20])
+    assert int(warm.sampler.diagnostics.pt_solves) >= 5
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(
+        np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=1e-5, atol=1e-5),
+                 runs[0](warm, keys[20:]), runs[1](warm, keys[20:]))
     print("MESH OK")
 ''')
 

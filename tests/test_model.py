@@ -3,6 +3,8 @@ step: against a hand-written NNX/optax loop, the modes, the per-example
 shares of a coupled loss, unbiasedness with augmentation, and the fast
 path's properties (no branch, resume, loader)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from flax import nnx
 import rais_jax as rj
 from rais_jax.experiments import models
 from rais_jax.model import step_keys
+from test_runner import _computations, _reachable  # pylint: disable=g-bad-import-order
 
 N, M, K = 64, 8, 4
 AUGMENT = rj.augment.chain(rj.augment.random_crop(1), rj.augment.horizontal_flip())
@@ -175,10 +178,11 @@ def test_weighted_gradient_stays_unbiased_under_augmentation():
   """E over draws and flips of the per-step API's g_R equals the exact
   expected gradient over the flip distribution, (1/n) Σ_i ½(∇f(x_i) +
   ∇f(flip x_i)), for a linear softmax model on a fitted, non-uniform RAIS
-  sampler. The step is recovered from the update (sgd, lr 1, r from the
-  metrics). z-test per coordinate at |z| < 4.5 (a correct step fails with
-  probability ~2e-5 each); without the weights (a mutant) the mean moves by
-  more than 10 standard errors at this seed (asserted below)."""
+  sampler, over 8000 steps from one state. The step is recovered from the
+  update (sgd, lr 1, r = 1). z-test per coordinate at |z| < 4.5 (a correct
+  step fails with probability ~2e-5 each); without the weights (a mutant)
+  the mean moves by more than 6 standard errors at this seed (asserted
+  below)."""
   n, m = 48, 8
   k1, k2 = jax.random.split(jax.random.key(4))
   data = {"x": jax.random.normal(k1, (n, 3, 3)) + jnp.linspace(0, 2, 3),
@@ -194,13 +198,14 @@ def test_weighted_gradient_stays_unbiased_under_augmentation():
   step = rj.make_train_step(model_fn, head, rj.rais_sgd(1.0), sampler, augment=flip)
   state = rj.init_train_state(params, rj.rais_sgd(1.0), sampler)
   # Fit the sampler: a few real steps give it non-uniform p.
-  for i in range(30):
-    state, _ = jax.jit(step)(state, jax.random.key(100 + i), data)
+  fitted = jax.jit(lambda s, ks: jax.lax.scan(lambda c, k: (step(c, k, data)[0], None),
+                                               s, ks)[0])
+  state = fitted(state, jax.vmap(jax.random.key)(jnp.arange(100, 130)))
   p = np.asarray(sampler.probabilities(state.sampler))
   assert p.max() / p.min() > 1.3  # a non-uniform distribution to be unbiased under
   estimates = jax.jit(jax.vmap(lambda key: jax.tree.map(
       jnp.subtract, state.params, step(state, key, data)[0].params)))(
-          jax.random.split(jax.random.key(0), 20_000))
+          jax.random.split(jax.random.key(0), 8_000))
   flipped = {**data, "x": data["x"][:, :, ::-1]}
   exact = jax.tree.map(lambda a, b: 0.5 * (a + b),
                        *(jax.grad(lambda q, d=d: loss(q, d).mean())(state.params)
@@ -213,7 +218,7 @@ def test_weighted_gradient_stays_unbiased_under_augmentation():
   # The test has power: the same draws' unweighted mean of the examples'
   # flip-averaged gradients (the mutant "weights → 1") is rejected.
   idx = jax.vmap(lambda key: sampler.sample(state.sampler, key).indices)(
-      jax.random.split(jax.random.key(0), 20_000))
+      jax.random.split(jax.random.key(0), 8_000))
   per_example = jax.vmap(lambda d: jax.tree.map(
       lambda a, b: 0.5 * (a + b), *(jax.grad(lambda q, e=e: loss(
           q, jax.tree.map(lambda x: x[None], e))[0])(state.params)
@@ -223,31 +228,8 @@ def test_weighted_gradient_stays_unbiased_under_augmentation():
   truth = np.concatenate([np.asarray(g).ravel() for g in jax.tree.leaves(exact)])
   unweighted = flat[np.asarray(idx)].mean(1)
   se = unweighted.std(0, ddof=1) / np.sqrt(len(unweighted))
-  assert (np.abs(unweighted.mean(0) - truth) / se).max() > 10
-
-
-def test_fast_path_resume_and_loader_with_state_keys_and_augmentation():
-  """Resume from a host copy mid-run is bit-identical (the step keys depend
-  on the block's key and the step number only); a loader with augmentation
-  gives the run device data gives."""
-  data = _data()
-  labels = np.asarray(data["label"])
-  model, params, state = models.stateful(_Net(False, nnx.Rngs(0)))
-  runner = rj.make_runner(model, rj.softmax_cross_entropy_head(), rj.rais_sgd(0.1),
-                          rj.rais_sampler(rj.default_features(labels, 3), batch_size=M),
-                          block_size=K, augment=AUGMENT)
-  key = jax.random.key(5)
-  whole, _ = runner.run(runner.init(params, state), key, data, 4 * K)
-  half, _ = runner.run(runner.init(params, state), key, data, 2 * K)
-  half = jax.device_put(jax.device_get(half))
-  resumed, _ = runner.run(half, key, data, 2 * K)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed),
-               jax.device_get(whole))
-  host = jax.device_get(data)
-  loaded, _ = runner.run(runner.init(params, state), key,
-                         lambda idx: jax.tree.map(lambda x: x[idx], host), 4 * K)
-  _leaves_close(loaded.params, whole.params, rtol=1e-6, atol=1e-7)
-  _leaves_close(loaded.model_state, whole.model_state, rtol=1e-6, atol=1e-7)
+  z_mutant = (np.abs(unweighted.mean(0) - truth) / se).max()
+  assert z_mutant > 6, z_mutant
 
 
 def test_augmentations():
@@ -274,3 +256,88 @@ def test_augmentations():
     rj.augment.random_crop(-1)
   with pytest.raises(ValueError, match=r"\(H, W\)"):
     crop(jax.random.key(0), {"x": jnp.ones(5)})
+
+
+def test_unrolled_blocks_match_the_loop_and_hold_no_loop():
+  """``unroll=True`` (for convolutions on CPU): the same run as the looped
+  block to float tolerance, and the dispatched program has no loop around
+  the steps (a scan of one block would still be one)."""
+  data = _data()
+  labels = np.asarray(data["label"])
+  model, params, state = models.stateful(_Net(False, nnx.Rngs(0)))
+  runs = {}
+  for unroll in (False, True):
+    runner = rj.make_runner(model, rj.softmax_cross_entropy_head(), rj.rais_sgd(0.1),
+                            rj.rais_sampler(rj.default_features(labels, 3), batch_size=M),
+                            block_size=K, augment=AUGMENT, unroll=unroll)
+    runs[unroll], _ = runner.run(runner.init(params, state), jax.random.key(5), data, 3 * K)
+  _leaves_close(runs[True].params, runs[False].params, rtol=1e-5, atol=1e-6)
+  _leaves_close(runs[True].model_state, runs[False].model_state, rtol=1e-5, atol=1e-6)
+  hlo = runner.compiled.blocks.lower(runs[True], jax.random.key(0), data, num_blocks=1,
+                                     num_steps=K).compile().as_text()
+  comps = _computations(hlo)
+  in_loops = set().union(*(_reachable(comps, body) for body in
+                           re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)))
+  assert not [c for c in in_loops if "convolution" in comps[c]]
+  assert [c for c in comps if "convolution" in comps[c]]  # the check can fail
+
+
+def test_fast_path_with_state_keys_and_augmentation():
+  """With model state, keys and augmentation on: host solves with and without
+  waiting give bit-identical runs; resuming from a host copy mid-run is
+  bit-identical (the step keys depend on the block's key and the step
+  number only); a loader gives the run device data gives; the compiled
+  block's step loop holds no conditional, nested loop or host callback; and
+  O-SGD (the oracle's norms in inference mode) and Selective-Backprop (its
+  candidates forwarded in inference mode) train on the model."""
+  data = _data()
+  labels = np.asarray(data["label"])
+  model, params, state = models.stateful(_Net(False, nnx.Rngs(0)))
+  head, key = rj.softmax_cross_entropy_head(), jax.random.key(3)
+
+  def runner_of(sampler):
+    return rj.make_runner(model, head, rj.rais_sgd(0.1), sampler, block_size=K,
+                          augment=AUGMENT)
+
+  runners = {mode: runner_of(rj.rais_sampler(rj.default_features(labels, 3), batch_size=M,
+                                             buffer_size=32, pt_mode=mode))
+             for mode in ("async", "sync")}
+  runs = {mode: jax.device_get(r.run(r.init(params, state), key, data, 12 * K))
+          for mode, r in runners.items()}
+  assert int(runs["async"][0].sampler.diagnostics.pt_solves) >= 2
+  jax.tree.map(np.testing.assert_array_equal, runs["async"], runs["sync"])
+  sync = runners["sync"]
+  half, _ = sync.run(sync.init(params, state), key, data, 6 * K)
+  resumed, _ = sync.run(jax.device_put(jax.device_get(half)), key, data, 6 * K)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), runs["sync"][0])
+  host = jax.device_get(data)
+  loaded, _ = sync.run(sync.init(params, state), key,
+                       lambda idx: jax.tree.map(lambda x: x[idx], host), 12 * K)
+  _leaves_close(loaded.params, runs["sync"][0].params, rtol=1e-6, atol=1e-7)
+  _leaves_close(loaded.model_state, runs["sync"][0].model_state, rtol=1e-6, atol=1e-7)
+  for r in runners.values():
+    r.close()
+  hlo = jax.jit(sync.programs.steps).lower(sync.init(params, state), jax.random.key(0),
+                                           data).compile().as_text()
+  comps = _computations(hlo)
+  entry = next(n for n in comps if re.search(r"^ENTRY %?" + re.escape(n) + " ", hlo, re.M))
+  bodies = ["\n".join(comps[c] for c in _reachable(comps, body))
+            for body in re.findall(r"while\(.*?body=%([\w.\-]+)", comps[entry])]
+  steps = [text for text in bodies if "convolution" in text]
+  assert len(steps) == 1, f"{len(steps)} top-level loops hold the convolutions"
+  assert " conditional(" not in steps[0]
+  # XLA:CPU runs threefry's rounds as a loop: the keys and augmentations'
+  # random numbers are the only loops allowed inside a step.
+  nested = [re.search(r'op_name="([^"]+)"', line).group(1)
+            for line in steps[0].split("\n") if " while(" in line]
+  assert nested and all(re.search(r"threefry|_randint|_uniform|_bernoulli", n)
+                        for n in nested), nested
+  assert not [c for c in re.findall(r'custom_call_target="([^"]+)"', steps[0])
+              if "callback" in c.lower()]
+  for sampler in (rj.oracle_sampler(N, batch_size=M),
+                  rj.baselines.selective_backprop(N, batch_size=M)):
+    r = runner_of(sampler)
+    out, metrics = r.run(r.init(params, state), key, data, K)
+    assert np.isfinite(np.asarray(metrics.loss)).all(), sampler.name
+    assert not np.allclose(jax.tree.leaves(out.model_state)[0],
+                           jax.tree.leaves(state)[0]), sampler.name

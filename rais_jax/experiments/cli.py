@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
                       "training example, on device (images)")
   c.add_argument("--dropout", type=float, default=_DEFAULTS.dropout,
                  help="dropout rate of the mlp's or resnet's hidden layers")
+  c.add_argument("--unroll", action="store_true",
+                 help="compile each block's steps unrolled: for convolutional "
+                      "models on CPU (XLA runs convolutions in loops slowly)")
   c.add_argument("--methods", type=_methods, default=",".join(_DEFAULTS.methods),
                  help="comma-separated, of: " + ", ".join(compare.METHODS))
   c.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)

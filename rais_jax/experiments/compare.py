@@ -86,6 +86,10 @@ class CompareConfig:
   # on device (images only).
   augment: bool = False
   dropout: float = 0.0  # dropout rate of the MLP's or the ResNet's hidden layers
+  # Compile each block's steps unrolled (make_runner(unroll=True)): for
+  # convolutional models on CPU, where XLA runs convolutions inside a loop
+  # several times slower (jax-ml/jax#12868).
+  unroll: bool = False
 
   def validate(self, known: Sequence[str] = ()) -> None:
     """One clear error per bad field; ``known``: the method names on offer
@@ -217,7 +221,7 @@ class MethodRunner:
                                  exact_method=config.exact_method,
                                  block_size=self.block_size,
                                  oracle_period=config.oracle_period,
-                                 augment=augmentation(config))
+                                 augment=augmentation(config), unroll=config.unroll)
     # In inference mode (BatchNorm's running averages, no dropout), on the
     # training set as given (not augmented).
     self.evaluate = jax.jit(lambda p, s, d: rj.evaluate(rj.inference(model_fn, s),
