@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from rais_jax import ghost
 from rais_jax import norms as norms_lib
-from rais_jax.model import ModelFn, StatefulModel
+from rais_jax.model import ModelFn, StatefulModel, training_loss
 
 PyTree = Any
 LossHead = Callable[[chex.Array, PyTree], chex.Array]
@@ -131,11 +131,7 @@ def measured_gradient_stateful(
   ghost only; see :mod:`rais_jax.model`). The separability check is the
   caller's (:meth:`rais_jax.step.StepSpec.check`)."""
   m = weights.shape[0]
-
-  def loss_aux(p, b):
-    outputs, new_state = model.apply(p, model_state, b, key, True)
-    return loss_head(outputs, b), new_state
-
+  loss_aux = training_loss(model, loss_head, model_state, key)
   if norms == "exact" and exact_method == "ghost":
     losses, grads, u, new_state = ghost.value_grad_and_norms(
         loss_aux, params, batch, weights / m, has_aux=True, coupled=coupled)

@@ -80,6 +80,19 @@ def inference(model: ModelFn | StatefulModel, model_state: PyTree = ()) -> Model
                                               False)[0]
 
 
+def training_loss(model: StatefulModel, loss_head: Callable[[chex.Array, PyTree], chex.Array],
+                  model_state: PyTree, key: Optional[chex.PRNGKey]
+                  ) -> Callable[[PyTree, PyTree], tuple[chex.Array, PyTree]]:
+  """``loss(params, batch) -> (per-example losses, new model state)`` of
+  ``model`` in training mode with this state and key."""
+
+  def loss(params: PyTree, batch: PyTree) -> tuple[chex.Array, PyTree]:
+    outputs, new_state = model.apply(params, model_state, batch, key, True)
+    return loss_head(outputs, batch), new_state
+
+  return loss
+
+
 def step_keys(key: chex.PRNGKey, steps: chex.Array) -> chex.PRNGKey:
   """The keys of steps ``steps`` (global step numbers) drawn in a block
   whose key is ``key``: ``fold_in(fold_in(key, stream), step)``. Each step

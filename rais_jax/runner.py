@@ -33,7 +33,7 @@ from rais_jax.programs import BlockPrograms, needs_all_data
 from rais_jax.pt import handoff
 from rais_jax.pt import service as pt_service
 from rais_jax.sampler import Sampler
-from rais_jax.schedule import Schedule, in_blocks, powers_of_two
+from rais_jax.schedule import Schedule, in_blocks, one_block_each, powers_of_two
 from rais_jax.step import StepMetrics, StepSpec, TrainState
 
 PyTree = Any
@@ -150,7 +150,7 @@ class Runner:
     if loader is not None or self.programs.spec.unroll:
       # The host loads every block; or the steps are unrolled, and a scan
       # over blocks would put them back in a loop.
-      programs = [(1, length) for count, length in programs for _ in range(count)]
+      programs = one_block_each(programs)
     for count, length in programs:
       if smp.refresh is not None and self.programs.refresh_due(step):
         state = self.compiled.refresh(state, data)
@@ -224,9 +224,8 @@ class Runner:
       state = self.compiled.plan(state, jax.random.key(0))
       programs |= {(1, n) for n in powers_of_two(k - 1)}
     if self.programs.spec.unroll:  # run() dispatches unrolled blocks one by one
-      programs = {(1, length) for _, length in programs}
-      epochs = [[(1, length) for count, length in sched for _ in range(count)]
-                for sched in epochs]
+      programs = set(one_block_each(sorted(programs)))
+      epochs = [one_block_each(sched) for sched in epochs]
     metrics = {}
     for count, length in sorted(programs):
       state, metrics[count, length] = self.compiled.blocks(

@@ -88,6 +88,12 @@ class Schedule(NamedTuple):
     return epochs, every
 
 
+def one_block_each(programs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+  """The same steps as programs of one block each: (count, length) becomes
+  ``count`` times (1, length) (a loader's blocks, unrolled blocks)."""
+  return [(1, length) for count, length in programs for _ in range(count)]
+
+
 def in_blocks(steps: int, block_size: int) -> int:
   """``steps`` rounded up to whole blocks of K (at least one block)."""
   return block_size * max(1, math.ceil(steps / block_size))

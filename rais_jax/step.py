@@ -39,7 +39,8 @@ from rais_jax import separability
 from rais_jax import struct
 from rais_jax.measure import (LossHead, loss_fn_of, measured_gradient,
                               measured_gradient_stateful)
-from rais_jax.model import ModelFn, StatefulModel, as_stateful, inference, step_keys
+from rais_jax.model import (ModelFn, StatefulModel, as_stateful, inference, step_keys,
+                            training_loss)
 from rais_jax.sampler import Sampler
 from rais_jax.transform import check_gain_ratio_consumed
 
@@ -236,8 +237,8 @@ class StepSpec:
     with jax.ensure_compile_time_eval():  # concrete, also inside a trace
       state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), model_state)
       key = jax.random.key(0)
-    return lambda p, b: self.loss_head(
-        self.model.apply(p, state, b, key, True)[0], b)
+    loss = training_loss(self.model, self.loss_head, state, key)
+    return lambda p, b: loss(p, b)[0]
 
   def prepare(self, batch: PyTree, step_key: Optional[chex.PRNGKey]
               ) -> tuple[PyTree, Optional[chex.PRNGKey]]:

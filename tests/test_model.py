@@ -15,7 +15,7 @@ from flax import nnx
 import rais_jax as rj
 from rais_jax.experiments import models
 from rais_jax.model import step_keys
-from test_runner import _computations, _reachable  # pylint: disable=g-bad-import-order
+import hlo as hlo_lib  # pylint: disable=g-bad-import-order
 
 N, M, K = 64, 8, 4
 AUGMENT = rj.augment.chain(rj.augment.random_crop(1), rj.augment.horizontal_flip())
@@ -275,8 +275,8 @@ def test_unrolled_blocks_match_the_loop_and_hold_no_loop():
   _leaves_close(runs[True].model_state, runs[False].model_state, rtol=1e-5, atol=1e-6)
   hlo = runner.compiled.blocks.lower(runs[True], jax.random.key(0), data, num_blocks=1,
                                      num_steps=K).compile().as_text()
-  comps = _computations(hlo)
-  in_loops = set().union(*(_reachable(comps, body) for body in
+  comps = hlo_lib.computations(hlo)
+  in_loops = set().union(*(hlo_lib.reachable(comps, body) for body in
                            re.findall(r"while\(.*?body=%([\w.\-]+)", hlo)))
   assert not [c for c in in_loops if "convolution" in comps[c]]
   assert [c for c in comps if "convolution" in comps[c]]  # the check can fail
@@ -319,11 +319,7 @@ def test_fast_path_with_state_keys_and_augmentation():
     r.close()
   hlo = jax.jit(sync.programs.steps).lower(sync.init(params, state), jax.random.key(0),
                                            data).compile().as_text()
-  comps = _computations(hlo)
-  entry = next(n for n in comps if re.search(r"^ENTRY %?" + re.escape(n) + " ", hlo, re.M))
-  bodies = ["\n".join(comps[c] for c in _reachable(comps, body))
-            for body in re.findall(r"while\(.*?body=%([\w.\-]+)", comps[entry])]
-  steps = [text for text in bodies if "convolution" in text]
+  steps = [text for text in hlo_lib.top_level_loops(hlo) if "convolution" in text]
   assert len(steps) == 1, f"{len(steps)} top-level loops hold the convolutions"
   assert " conditional(" not in steps[0]
   # XLA:CPU runs threefry's rounds as a loop: the keys and augmentations'

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+import hlo as hlo_lib
 import problems
 import rais_jax as rj
 from rais_jax.schedule import Schedule
@@ -53,37 +54,6 @@ def _run(problem, steps, **kwargs):
 # -- the compiled step ------------------------------------------------------
 
 
-def _computations(hlo: str) -> dict[str, str]:
-  """name -> body text of every computation in an HLO module dump."""
-  out, name, lines = {}, None, []
-  for line in hlo.splitlines():
-    head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if head and not line.startswith(" "):
-      name, lines = head.group(1), []
-    elif line == "}" and name is not None:
-      out[name] = "\n".join(lines)
-      name = None
-    elif name is not None:
-      lines.append(line)
-  return out
-
-
-def _reachable(comps: dict[str, str], root: str) -> set[str]:
-  seen, todo = set(), [root]
-  while todo:
-    c = todo.pop()
-    if c in seen or c not in comps:
-      continue
-    seen.add(c)
-    todo += re.findall(r"(?:calls|to_apply|body|condition|branch_computations|"
-                       r"true_computation|false_computation)=\{?%([\w.\-]+)",
-                       comps[c])
-    todo += re.findall(r"branch_computations=\{([^}]*)\}", comps[c]) and [
-        x.strip().lstrip("%") for x in
-        ",".join(re.findall(r"branch_computations=\{([^}]*)\}", comps[c])).split(",")]
-  return seen
-
-
 @pytest.mark.parametrize("method, norms, function", [
     ("rais", "exact", "steps"), ("rais", "proxy", "steps"), ("usgd", None, "steps"),
     ("rais", "exact", "block"), ("osgd", "exact", "block")])
@@ -96,13 +66,10 @@ def test_step_loop_has_no_branch_loop_or_callback(problem, method, norms, functi
   state = runner.init(params)
   hlo = jax.jit(getattr(runner.programs, function)).lower(
       state, jax.random.key(0), data).compile().as_text()
-  comps = _computations(hlo)
-  entry = next(n for n in comps if re.search(r"^ENTRY %?" + re.escape(n) + " ", hlo,
-                                             re.M))
+  comps, entry = hlo_lib.computations(hlo), hlo_lib.entry(hlo)
   # Top-level loops: the step scan, and the sampler's random-number loops.
-  bodies = ["\n".join(comps[c] for c in _reachable(comps, body))
-            for body in re.findall(r"while\(.*?body=%([\w.\-]+)", comps[entry])]
-  steps = [text for text in bodies if re.search(r" dot\(|__ynn_fusion", text)]
+  steps = [text for text in hlo_lib.top_level_loops(hlo)
+           if re.search(r" dot\(|__ynn_fusion", text)]
   assert len(steps) == 1, f"{len(steps)} top-level loops compute a gradient"
   text = steps[0]
   assert " conditional(" not in text, "a conditional in the step loop"
