@@ -6,9 +6,9 @@
 ``--short``: U-SGD-only runs whose ``--epochs`` is RAIS's epochs run (rounded
 up), its schedule fully decayed over them, one per learning rate. Writes
 results/NAME.json and .md: per run, the epochs run and the final training
-loss and test accuracy, median [min, max] over seeds. (Until ``compare
---budgets`` exists: a hand-made, two-point version of the budget-matched
-baseline.)
+loss and test accuracy, median [min, max] over seeds. (A hand-made,
+two-point version of the budget-matched baseline, kept for the files it made
+before ``rais-jax compare --budgets --lrs`` and ``bench_frontier.py``.)
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import pytest
 
 from rais_jax.experiments import cli, compare
 
-POINT_KEYS = {"epoch", "epochs_equivalent", "wall_clock_s", "train_loss", "test_loss",
+POINT_KEYS = {"epoch", "epochs_equivalent", "wall_clock_s", "train_loss", "train_accuracy",
+              "test_loss",
               "test_accuracy", "gain_ratio", "pt_solves", "pt_failures",
               "nonfinite_norms", "skipped_steps"}
 PLOTS = ["loss_vs_epochs.png", "loss_vs_wall_clock.png", "loss_vs_epochs_equivalent.png", "test_accuracy.png",
@@ -136,39 +138,105 @@ def test_cli_end_to_end_baselines(tmp_path):
       assert run["steps"] == 4 * steps_per_epoch
   summary = results["summary"]
   ranking = summary["ranking"]
-  assert sorted(ranking["wall_clock_to_target"]) == sorted(methods)
-  assert ranking["wall_clock_to_target_unbiased"] == [
-      m for m in ranking["wall_clock_to_target"] if m in ("usgd", "naive", "loss-is")]
+  assert sorted(ranking["budget_matched_speedup"]) == sorted(methods)
+  assert ranking["budget_matched_speedup_unbiased"] == [
+      m for m in ranking["budget_matched_speedup"] if m in ("usgd", "naive", "loss-is")]
   accuracy = [summary["methods"][m]["final_test_accuracy"]["median"]
               for m in summary["ranking"]["final_test_accuracy"]]
   assert accuracy == sorted(accuracy, reverse=True)
-  assert "ranked by wall clock to target" in compare.format_summary(summary)
+  assert "ranked by budget matched speedup" in compare.format_summary(summary)
 
 
 def test_ranking_on_hand_made_summaries():
+  """By the budget-matched speed-up on training loss; ties by the one on
+  test accuracy, then the name; none (diverged) last."""
+  matched = lambda loss, acc: {"final_train_loss": {"median": loss},
+                               "final_test_accuracy": {"median": acc}}
   methods = {
-      "rais": {"wall_clock_s": {"reached": "1/2", "median": 1.0},
+      "rais": {"budget_matched_speedup": matched(1.6, 1.1),
                "final_test_accuracy": {"median": 0.7}},
-      "usgd": {"wall_clock_s": {"reached": "2/2", "median": 3.0},
+      "usgd": {"budget_matched_speedup": matched(0.9, 1.0),
                "final_test_accuracy": {"median": 0.9}},
-      "infobatch": {"wall_clock_s": {"reached": "2/2", "median": 2.0},
+      "infobatch": {"budget_matched_speedup": matched(1.6, 1.3),
                     "final_test_accuracy": {"median": 0.8}},
-      "naive": {"wall_clock_s": {"reached": "0/2"},
+      "naive": {"budget_matched_speedup": {},
                 "final_test_accuracy": {"median": 0.1}},
   }
   assert compare.ranking(methods, {"infobatch": False}) == {
-      "wall_clock_to_target": ["infobatch", "usgd", "rais", "naive"],
-      "wall_clock_to_target_unbiased": ["usgd", "rais", "naive"],
+      "budget_matched_speedup": ["infobatch", "rais", "usgd", "naive"],
+      "budget_matched_speedup_unbiased": ["rais", "usgd", "naive"],
       "final_test_accuracy": ["usgd", "infobatch", "rais", "naive"]}
 
 
-def test_quiet_prints_only_the_summary(tmp_path, capsys):
-  cli.run(["compare", "--epochs", "1", "--num-samples", "300", "--hidden", "8",
-           "--seeds", "0", "--methods", "usgd,rais", "--out", str(tmp_path),
-           "--no-plots", "--quiet"])
+def test_frontier_end_to_end_and_quiet(tmp_path, capsys):
+  """--budgets/--lrs: U-SGD once per (budget, lr, seed) with its schedule
+  decayed to its end at the budget, RAIS once per (lr, seed); the records,
+  the budget-matched speed-ups in the summary; --quiet prints the summary only."""
+  # n = 240, m = 24: 10 steps per epoch, K = 5; 4 epochs, budget 0.55 = 22
+  # steps, rounded to whole blocks: 20.
+  results = cli.run(["compare", "--epochs", "4", "--num-samples", "300", "--hidden", "8",
+                     "--seeds", "0,1", "--batch-size", "24", "--block-size", "5",
+                     "--methods", "usgd,rais", "--lr", "0.1", "--lr-schedule", "linear",
+                     "--budgets", "0.55", "--lrs", "0.05", "--out", str(tmp_path),
+                     "--quiet"])
   out = capsys.readouterr()
-  assert "seed 0:" not in out.out and "ranked by" in out.out
+  assert "seed 0:" not in out.out and "ranked by budget matched speedup" in out.out
   assert "\r" not in out.err  # no progress bar
+  records = results["frontier"]
+  keys = {(r["method"], r["lr"], r["budget_epochs"], r["seed"]) for r in records}
+  assert len(keys) == len(records) == 2 * (2 * 2 + 2)
+  assert keys == {("usgd", lr, b, s) for lr in (0.1, 0.05) for b in (2.0, 4.0)
+                  for s in (0, 1)} | {("rais", lr, 4.0, s) for lr in (0.1, 0.05)
+                                      for s in (0, 1)}
+  for r in records:
+    assert r["final_lr"] == 0.0  # the schedule is spent when the run ends
+    assert r["wall_clock_s"] > 0 and math.isfinite(r["final_train_loss"])
+    if r["method"] == "usgd":
+      assert r["steps"] == round(r["budget_epochs"] * 10)
+      assert r["epochs_run"] == r["budget_epochs"]
+  runs = results["runs"]
+  assert list(runs) == ["usgd", "rais"]  # the main runs: lr 0.1, full budget
+  for run in runs["usgd"].values():  # its last step ran at the schedule's last rate
+    assert run["last_step_lr"] == pytest.approx(0.1 / 40)
+  main = [r for r in records if r["lr"] == 0.1 and r["budget_epochs"] == 4.0]
+  assert [r["final_train_loss"] for r in main] == [
+      run["curve"][-1]["train_loss"] for m in runs for run in runs[m].values()]
+  summary = results["summary"]
+  assert summary["frontier"]["usgd_budgets_epochs"] == [2.0, 4.0]
+  assert set(summary["frontier"]["budget_matched_speedup_by_lr"]) == {"0.05", "0.1"}
+  for method in ("usgd", "rais"):
+    matched = summary["methods"][method]["budget_matched_speedup"]
+    for quality in ("final_train_loss", "final_test_accuracy"):
+      assert matched[quality]["seeds"] == [0, 1]
+      assert all(v > 0 for v in matched[quality]["per_seed"])
+  assert (tmp_path / "frontier_wall_clock.png").stat().st_size > 0
+  assert (tmp_path / "frontier_epochs.png").stat().st_size > 0
+
+
+def test_budget_decays_the_schedule_over_whole_blocks():
+  """U-SGD at budget b: the schedule's length is b·epochs, rounded to whole
+  blocks of K, and at least one block."""
+  config = compare.CompareConfig(epochs=3, batch_size=10, block_size=4)
+  labels = np.arange(100) % 10  # 10 steps per epoch: K = 2
+  make = lambda b: compare.MethodRunner("usgd", compare.METHODS["usgd"], config, None,
+                                        None, labels, 10, lambda p, x: x, budget=b)
+  assert [make(b).budget_steps for b in (1.0, 0.5, 0.55, 0.01)] == [30, 16, 16, 2]
+  runner = make(0.5)
+  assert runner.budget_epochs == 1.6
+  assert runner.schedule(16) == 0.0 < runner.schedule(15)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--budgets", "0,0.5"], "budgets must be a non-empty list"),
+    (["--budgets", "1.5"], "budgets must be a non-empty list"),
+    (["--budgets", ""], "budgets must be a non-empty list"),
+    (["--lrs", ""], "lrs must be a non-empty list"),
+    (["--lrs", "0.1,-1"], "lrs must be a non-empty list"),
+    (["--budgets", "0.5", "--methods", "rais"], "add usgd to methods"),
+])
+def test_bad_frontier_flags_get_one_clear_error(flags, message):
+  with pytest.raises(SystemExit, match=message):
+    cli.run(["compare", "--num-samples", "100", "--no-plots", *flags])
 
 
 def test_cli_npz_dataset_with_cnn(tmp_path):

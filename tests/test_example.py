@@ -26,7 +26,7 @@ def test_memmap_loader_example(tmp_path):
 def test_main_job_writes_curves(tmp_path):
   example = _load("mnist1d_rais_vs_sgd")
   example.main(["--epochs", "2", "--num-samples", "600", "--hidden", "32",
-                "--seeds", "0", "--out", str(tmp_path)])
+                "--seeds", "0", "--out", str(tmp_path), "--lrs", "0.1", "--budgets", "0.5"])
   results = json.loads((tmp_path / "results.json").read_text())
   assert set(results["runs"]) == {"usgd", "rais", "osgd"}
   for by_seed in results["runs"].values():
@@ -34,3 +34,10 @@ def test_main_job_writes_curves(tmp_path):
     assert [p["epoch"] for p in curve] == [0, 1, 2]
     assert curve[-1]["train_loss"] < curve[0]["train_loss"]
   assert (tmp_path / "loss_vs_wall_clock.png").stat().st_size > 0
+  # U-SGD's budgets (all and half of 2 epochs), the other methods' full one
+  # (--lrs and --budgets cut short).
+  budgets = sorted(r["budget_epochs"] for r in results["frontier"] if r["method"] == "usgd")
+  assert budgets == [1.0, 2.0]
+  assert "rais" in results["summary"]["methods"]
+  assert results["summary"]["methods"]["rais"]["budget_matched_speedup"]["final_train_loss"]
+  assert (tmp_path / "frontier_wall_clock.png").stat().st_size > 0

@@ -254,4 +254,4 @@ def test_a_method_defined_outside_the_library_runs_through_compare(tmp_path):
                                 methods={"toy": toy})
   assert set(results["runs"]) == {"usgd", "toy"}
   assert results["runs"]["toy"]["0"]["steps"] > 0
-  assert "toy" in results["summary"]["ranking"]["wall_clock_to_target_unbiased"]
+  assert "toy" in results["summary"]["ranking"]["budget_matched_speedup_unbiased"]

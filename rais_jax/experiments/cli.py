@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from rais_jax import norms as norms_lib
 from rais_jax.experiments import compare
@@ -12,12 +12,21 @@ from rais_jax.experiments import compare
 _DEFAULTS = compare.CompareConfig()
 
 
-def _ints(text: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(s) for s in text.split(",") if s.strip())
-  except ValueError:
-    raise argparse.ArgumentTypeError(
-        f"expected comma-separated integers, got {text!r}") from None
+def _comma_list(kind: Callable[[str], Any], what: str
+                ) -> Callable[[str], tuple[Any, ...]]:
+  """A parser of comma-separated values (empty lists and ranges are checked
+  by CompareConfig.validate, with the other settings)."""
+  def parse(text: str) -> tuple[Any, ...]:
+    try:
+      return tuple(kind(s) for s in text.split(",") if s.strip())
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"expected comma-separated {what}, got {text!r}") from None
+  return parse
+
+
+_ints = _comma_list(int, "integers")
+_floats = _comma_list(float, "numbers")
 
 
 def _methods(text: str) -> tuple[str, ...]:
@@ -62,6 +71,13 @@ def parser() -> argparse.ArgumentParser:
                  help="decay over the run's steps; RAIS and O-SGD index it by τ "
                  "and stop when it is spent")
   c.add_argument("--momentum", type=float, default=_DEFAULTS.momentum)
+  c.add_argument("--budgets", type=_floats, default=_DEFAULTS.budgets,
+                 help="the budget-matched frontier: U-SGD also runs with its "
+                 "schedule fully decayed over each of these fractions of "
+                 "--epochs (1 is always added), e.g. 0.4,0.55,0.7,0.85,1")
+  c.add_argument("--lrs", type=_floats, default=_DEFAULTS.lrs,
+                 help="base learning rates of the frontier (--lr is added): "
+                 "U-SGD runs at each budget and lr, the other methods at each lr")
   c.add_argument("--norms", choices=["exact", "proxy"], default=_DEFAULTS.norms,
                  help="RAIS's per-example gradient norms: exact ghost norms "
                  "(default: the exact gain ratio) or the softmax-logit proxy "

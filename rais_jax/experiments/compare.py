@@ -26,6 +26,12 @@ loss and accuracy, the wall-clock training time so far (evaluation excluded),
 epochs equivalent τ/(n/m) and the mean gain ratio of the epoch's steps; an
 "epoch" is n/m steps of m backpropagated examples (an InfoBatch epoch has
 fewer steps; a Selective-Backprop step forwards (β + 1) m candidates).
+
+With ``budgets`` and ``lrs`` (``--budgets``, ``--lrs``) U-SGD also runs once
+per (budget, learning rate, seed) with its schedule fully decayed over that
+shorter budget, and every other method once per learning rate: the
+budget-matched frontier and speed-ups of :mod:`rais_jax.experiments.frontier`,
+by which the methods are ranked.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from tqdm import tqdm
 
 import rais_jax as rj
 from rais_jax.experiments import data as data_lib
+from rais_jax.experiments import frontier
 from rais_jax.experiments.models import MODELS, functional, make_model, stateful
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -90,6 +97,12 @@ class CompareConfig:
   # convolutional models on CPU, where XLA runs convolutions inside a loop
   # several times slower (jax-ml/jax#12868).
   unroll: bool = False
+  # The budget-matched frontier (see rais_jax.experiments.frontier): U-SGD
+  # runs once per budget (a fraction of ``epochs``; 1 is always added) and
+  # learning rate, its schedule fully decayed over that budget; every other
+  # method once per learning rate. None: U-SGD's full-budget run alone.
+  budgets: Optional[tuple[float, ...]] = None
+  lrs: Optional[tuple[float, ...]] = None  # base learning rates (``lr`` is added)
 
   def validate(self, known: Sequence[str] = ()) -> None:
     """One clear error per bad field; ``known``: the method names on offer
@@ -130,6 +143,15 @@ class CompareConfig:
       raise ValueError(f"dropout must lie in [0, 1); got {self.dropout}.")
     if self.dropout and self.model == "cnn":
       raise ValueError("the cnn model has no dropout; use mlp or resnet.")
+    if self.budgets is not None:
+      if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
+        raise ValueError("budgets must be a non-empty list of fractions of "
+                         f"epochs in (0, 1]; got {list(self.budgets)}.")
+      if "usgd" not in self.methods:
+        raise ValueError("budgets are U-SGD's: add usgd to methods.")
+    if self.lrs is not None and (not self.lrs or any(not lr > 0 for lr in self.lrs)):
+      raise ValueError("lrs must be a non-empty list of learning rates > 0; got "
+                       f"{list(self.lrs)}.")
     if self.augment and self.dataset == "mnist1d":
       raise ValueError("augment crops and flips images; mnist1d holds 1-D "
                        "signals. Use it with fashion-mnist or an image data set.")
@@ -138,6 +160,16 @@ class CompareConfig:
   def stateful(self) -> bool:
     """The model has state or randomness (BatchNorm, dropout)."""
     return self.model == "resnet" or self.dropout > 0
+
+  @property
+  def frontier_budgets(self) -> tuple[float, ...]:
+    """U-SGD's budgets, ascending, with the full one (1) last."""
+    return tuple(sorted(set(self.budgets or ()) | {1.0}))
+
+  @property
+  def frontier_lrs(self) -> tuple[float, ...]:
+    """The learning rates of the frontier, ``lr`` first."""
+    return tuple(dict.fromkeys((self.lr, *(self.lrs or ()))))
 
 
 def augmentation(config: CompareConfig) -> Optional[rj.augment.Augment]:
@@ -198,23 +230,26 @@ class MethodRunner:
   """One method's fast-path runner (compiled once) and evaluator, reused by seeds."""
 
   def __init__(self, method: str, factory: MethodFactory, config: CompareConfig,
-               train, test, labels, classes: int, model_fn):
-    """``model_fn``: a plain model function or a :class:`rais_jax.StatefulModel`."""
+               train, test, labels, classes: int, model_fn, *, budget: float = 1.0):
+    """``model_fn``: a plain model function or a :class:`rais_jax.StatefulModel`;
+    ``budget``: the fraction of ``config.epochs`` the schedule decays over
+    (rounded to whole blocks)."""
     self.method, self.train, self.test = method, train, test
     n, m = len(labels), config.batch_size
     if m > n:
       raise ValueError(f"batch_size {m} exceeds the {n} training examples.")
     self.steps_per_epoch = n // m
-    total = config.epochs * self.steps_per_epoch
-    self.optimizer = rj.rais_sgd(schedule(config, total),
-                                 momentum=config.momentum)
     self.sampler, norms = factory(labels, classes, config)
     limit = config.block_size
     if self.sampler.refresh is not None:  # refresh on schedule
       limit = min(limit, config.oracle_period)
     if self.sampler.pt is not None:  # blocks of at most half a (PT) period (see make_runner)
       limit = min(limit, max(1, self.sampler.pt.period // 2))
-    self.block_size = block_size(self.steps_per_epoch, limit)
+    self.block_size = k = block_size(self.steps_per_epoch, limit)
+    # The budget in steps (U-SGD's; τ for the methods that raise the rate).
+    self.budget_steps = max(k, round(budget * config.epochs * self.steps_per_epoch / k) * k)
+    self.schedule = schedule(config, self.budget_steps)
+    self.optimizer = rj.rais_sgd(self.schedule, momentum=config.momentum)
     head = rj.softmax_cross_entropy_head()
     self.runner = rj.make_runner(model_fn, head, self.optimizer, self.sampler,
                                  norms=norms,
@@ -229,6 +264,10 @@ class MethodRunner:
     self.n, self.m = n, m
     self.compiled = False
 
+  @property
+  def budget_epochs(self) -> float:
+    return self.budget_steps / self.steps_per_epoch
+
   def point(self, state, epoch: float, wall: float, r: float) -> dict:
     tr = self.evaluate(state.params, state.model_state, self.train)
     te = self.evaluate(state.params, state.model_state, self.test)
@@ -242,14 +281,15 @@ class MethodRunner:
         "epoch": epoch, "wall_clock_s": wall,
         "epochs_equivalent": float(rj.epochs_equivalent(state.opt_state, self.m,
                                                         self.n)),
-        "train_loss": float(tr["loss"]), "test_loss": float(te["loss"]),
+        "train_loss": float(tr["loss"]), "train_accuracy": float(tr["accuracy"]),
+        "test_loss": float(te["loss"]),
         "test_accuracy": float(te["accuracy"]), "gain_ratio": r,
         "pt_solves": count("pt_solves"), "pt_failures": count("pt_failures"),
         "nonfinite_norms": count("nonfinite_norms"),
         "skipped_steps": int(state.skipped_steps),
     }
 
-  def _epoch(self, state, key, tau: float, gain: float, budget: int):
+  def _epoch(self, state, key, tau: float, gain: float, steps: int):
     """One epoch of steps; RAIS and O-SGD stop inside it once τ reaches the
     budget (checked block by block only near the end, where it can).
     Skipped steps are recorded per point (``skipped_steps``), not warned of
@@ -257,15 +297,20 @@ class MethodRunner:
     with warnings.catch_warnings():
       warnings.filterwarnings("ignore", r".* steps (was|were) skipped",
                               RuntimeWarning)
-      return self._steps_of_epoch(state, key, tau, gain, budget)
+      return self._steps_of_epoch(state, key, tau, gain, steps)
 
-  def _steps_of_epoch(self, state, key, tau: float, gain: float, budget: int):
-    """(state, the gain ratios of its steps, one array per run)."""
+  def _steps_of_epoch(self, state, key, tau: float, gain: float, steps: int):
+    """(state, the gain ratios of its steps, one array per run); ``steps``:
+    the epoch's (fewer in a budget's last, partial epoch)."""
+    budget = self.budget_steps
     if not self.sampler.boosts_lr or budget - tau > 2 * max(gain, 1.0):
-      state, metrics = self.runner.run_epoch(state, key, self.train)
+      if steps == self.steps_per_epoch:
+        state, metrics = self.runner.run_epoch(state, key, self.train)
+      else:
+        state, metrics = self.runner.run(state, key, self.train, steps)
       return state, [metrics.gain_ratio]
     k, ratios = self.runner.block_size, []
-    for _ in range(self.steps_per_epoch // k):
+    for _ in range(steps // k):
       state, m = self.runner.run(state, key, self.train, k)
       # Joined after the clock stops: an eager concatenation compiles for
       # every new number of parts.
@@ -278,13 +323,14 @@ class MethodRunner:
   def _tau(state) -> float:
     return float(rj.equivalent_iterations(state.opt_state))
 
-  def run(self, params, seed: int, epochs: int, *, quiet: bool = False,
-          model_state: Any = ()) -> dict:
+  def run(self, params, seed: int, *, quiet: bool = False,
+          model_state: Any = (), curve: bool = True) -> dict:
     """Trains one seed. The methods that raise the learning rate by the
-    gain ratio (RAIS, O-SGD, naive) run until their schedule's budget of
-    ``epochs`` epochs *equivalent* is spent (τ = U-SGD's number of steps; no
-    steps at the schedule's final rate after it), or ``epochs`` real epochs,
-    whichever comes first; the others run ``epochs`` epochs."""
+    gain ratio (RAIS, O-SGD, naive) run until their schedule's budget
+    (:attr:`budget_steps`) *equivalent* is spent (τ = U-SGD's number of steps;
+    no steps at the schedule's final rate after it), or that many real steps,
+    whichever comes first; the others run the budget's steps. ``curve``:
+    evaluate every epoch (else only at the end: a frontier's extra runs)."""
     key = jax.random.key(seed)
     if not self.compiled:
       # Compile before the clock starts: every program of the run (the
@@ -292,39 +338,53 @@ class MethodRunner:
       # epoch whose result is dropped (compiling alone left the first timed
       # epoch measurably slower).
       self.runner.warm_up(params, self.train, model_state)
-      jax.block_until_ready(self.runner.run_epoch(self.runner.init(params, model_state), key,
-                                                  self.train))
+      warm = self.runner.init(params, model_state)
+      jax.block_until_ready(self.runner.run_epoch(warm, key, self.train))
+      if self.budget_steps % self.steps_per_epoch:  # a budget's last, partial epoch
+        warm = self.runner.init(params, model_state)
+        jax.block_until_ready(self.runner.run(
+            warm, key, self.train, self.budget_steps % self.steps_per_epoch))
       self.runner.close()
       self.compiled = True
-    budget = epochs * self.steps_per_epoch
+    budget, per_epoch = self.budget_steps, self.steps_per_epoch
     state = self.runner.init(params, model_state)
-    curve, wall, gain, schedule_end = [self.point(state, 0, 0.0, 1.0)], 0.0, 0.0, None
+    points = [self.point(state, 0, 0.0, 1.0)] if curve else []
+    wall, gain, schedule_end = 0.0, 0.0, None
     # disable=None: a bar on a terminal only, never in a log file.
+    epochs = -(-budget // per_epoch)
     bar = tqdm(range(1, epochs + 1), desc=f"{self.method} seed {seed}",
                leave=False, disable=True if quiet else None)
     # τ is read between epochs, off the clock (each host read waits for the
     # device).
-    tau = self._tau(state)
-    for _ in bar:
+    tau, done = self._tau(state), 0
+    for e in bar:
       start = time.perf_counter()
-      state, ratios = self._epoch(state, key, tau, gain, budget)
+      state, ratios = self._epoch(state, key, tau, gain, min(per_epoch, budget - done))
       jax.block_until_ready(state)
       wall += time.perf_counter() - start
       previous, tau = tau, self._tau(state)
-      gain = tau - previous
-      epoch = int(state.step) / self.steps_per_epoch
+      gain, done = tau - previous, int(state.step)
+      epoch = done / per_epoch
       epoch_ratios = np.asarray(jnp.concatenate(ratios), np.float64)
-      curve.append(self.point(state, epoch, wall, float(epoch_ratios.mean())))
-      bar.set_postfix(loss=f"{curve[-1]['train_loss']:.4f}",
-                      r=f"{curve[-1]['gain_ratio']:.2f}")
-      if self.sampler.boosts_lr and tau >= budget:
+      last = self.sampler.boosts_lr and tau >= budget
+      if curve or last or e == epochs:
+        points.append(self.point(state, epoch, wall, float(epoch_ratios.mean())))
+        bar.set_postfix(loss=f"{points[-1]['train_loss']:.4f}",
+                        r=f"{points[-1]['gain_ratio']:.2f}")
+      if last:
         schedule_end = epoch
         break
     self.runner.close()
     steps = int(state.step)
-    run = {"seed": seed, "curve": curve, "block_size": self.block_size,
+    run = {"seed": seed, "curve": points, "block_size": self.block_size,
            "schedule_end_epoch": schedule_end, "steps": steps,
-           "ms_per_step": 1e3 * wall / max(steps, 1)}
+           "ms_per_step": 1e3 * wall / max(steps, 1),
+           "budget_epochs": self.budget_epochs,
+           # The base rate of the last step (τ before it), and the one the
+           # next step would take: the schedule's end (0 for cosine and
+           # linear) once it is fully decayed.
+           "last_step_lr": float(self.schedule(tau - epoch_ratios[-1])),
+           "final_lr": float(self.schedule(tau))}
     if schedule_end is not None:
       # Steps that started with τ at or past the budget (the stop is checked
       # block by block: at most K − 1), from the last epoch's ratios.
@@ -369,14 +429,27 @@ def _at(curve: Sequence[dict], key: str, limit: float) -> dict:
 
 
 def summarise(runs: dict[str, dict[str, dict]],
-              unbiased: Optional[dict[str, bool]] = None) -> dict:
+              unbiased: Optional[dict[str, bool]] = None,
+              records: Optional[Sequence[dict]] = None,
+              lr: Optional[float] = None) -> dict:
   """Per method, when it first reaches U-SGD's final training loss (per seed)
   and the speed-ups vs U-SGD, the real epochs it ran, and training loss and
   test accuracy at equal wall-clock (the method given U-SGD's total training
   time) and at equal epochs (U-SGD at the method's last epoch): median, min
-  and max over seeds."""
+  and max over seeds; and the budget-matched speed-ups
+  (:mod:`~rais_jax.experiments.frontier`) against U-SGD's frontier of
+  ``records`` (default: the runs' own, U-SGD's full budget alone), at
+  ``lr`` (the main runs') and at every learning rate of the records."""
   if "usgd" not in runs:
     return {"note": "no U-SGD runs: nothing to compare against."}
+  if records is None:
+    lr = 0.0 if lr is None else lr
+    records = [frontier.record(method, int(s), lr,
+                               run.get("budget_epochs", run["curve"][-1]["epoch"]), run)
+               for method, by_seed in runs.items() for s, run in by_seed.items()]
+  lrs = sorted({r["lr"] for r in records})
+  lr = lrs[0] if lr is None else lr
+  budget_matched = {str(x): frontier.summarise(records, x) for x in lrs}
   seeds = list(runs["usgd"])
   usgd_final = {s: runs["usgd"][s]["curve"][-1] for s in seeds}
   targets = {s: usgd_final[s]["train_loss"] for s in seeds}
@@ -412,25 +485,31 @@ def summarise(runs: dict[str, dict[str, dict]],
     if all("ms_per_step" in by_seed[s] for s in ran):
       entry["ms_per_step"] = _stats([by_seed[s]["ms_per_step"] for s in ran],
                                     reached=False)
+    entry["budget_matched_speedup"] = budget_matched[str(lr)].get(method, {})
     summary["methods"][method] = entry
+  summary["frontier"] = {
+      "lr": lr, "lrs": lrs,
+      "usgd_budgets_epochs": sorted({r["budget_epochs"] for r in records
+                                     if r["method"] == "usgd"}),
+      "budget_matched_speedup_by_lr": budget_matched}
   summary["ranking"] = ranking(summary["methods"], unbiased)
   return summary
 
 
 def ranking(methods: dict[str, dict], unbiased: Optional[dict[str, bool]] = None
             ) -> dict[str, list[str]]:
-  """Methods ordered by wall-clock to the target (more seeds reaching it
-  first, then the median time of those that did), the same among the
-  unbiased methods only, and by median final test accuracy (highest first)."""
-  def wall(name):
-    e = methods[name]["wall_clock_s"]
-    return (-int(e["reached"].split("/")[0]), e.get("median", math.inf))
+  """Methods ordered by their budget-matched speed-up on training loss
+  (median over seeds, highest first; ties cut by the one on test accuracy,
+  then by name; no value last: see :func:`frontier.rank`), the same among
+  the unbiased methods only, and by median final test accuracy (highest
+  first)."""
   def accuracy(name):
     return -methods[name]["final_test_accuracy"].get("median", -math.inf)
-  by_wall = sorted(methods, key=wall)
-  return {"wall_clock_to_target": by_wall,
-          "wall_clock_to_target_unbiased": [
-              m for m in by_wall if unbiased is None or unbiased.get(m, True)],
+  speedups = {m: e.get("budget_matched_speedup", {}) for m, e in methods.items()}
+  by_speedup = frontier.rank(speedups, list(methods))
+  return {"budget_matched_speedup": by_speedup,
+          "budget_matched_speedup_unbiased": [
+              m for m in by_speedup if unbiased is None or unbiased.get(m, True)],
           "final_test_accuracy": sorted(methods, key=accuracy)}
 
 
@@ -461,7 +540,7 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
   raw = data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
                               num_samples=config.num_samples)
   classes = data_lib.num_classes(raw)
-  train = {"x": jnp.asarray(raw["x_train"]), "label": jnp.asarray(raw["y_train"])}
+  train_set = {"x": jnp.asarray(raw["x_train"]), "label": jnp.asarray(raw["y_train"])}
   test = {"x": jnp.asarray(raw["x_test"]), "label": jnp.asarray(raw["y_test"])}
   input_shape = raw["x_train"].shape[1:]
   # One model per seed (its initialisation); all share one apply function.
@@ -473,18 +552,25 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
   model_fn = models[config.seeds[0]][0]
   runs: dict[str, dict[str, dict]] = {}
   unbiased: dict[str, bool] = {}
-  for method in config.methods:
-    runner = MethodRunner(method, factories[method], config, train, test,
-                          raw["y_train"], classes, model_fn)
+  records: list[dict] = []
+
+  def train(method: str, lr: float, budget: float, curve: bool = True
+            ) -> dict[str, dict]:
+    """Every seed of one (method, lr, budget), one compiled runner."""
+    runner = MethodRunner(method, factories[method], dataclasses.replace(config, lr=lr),
+                          train_set, test, raw["y_train"], classes, model_fn,
+                          budget=budget)
     unbiased[method] = runner.sampler.unbiased
-    runs[method] = {}
+    by_seed = {}
     for seed in config.seeds:
-      run = runner.run(models[seed][1], seed, config.epochs, quiet=quiet,
-                       model_state=models[seed][2])
-      runs[method][str(seed)] = run
+      run = runner.run(models[seed][1], seed, quiet=quiet,
+                       model_state=models[seed][2], curve=curve)
+      by_seed[str(seed)] = run
+      records.append(frontier.record(method, seed, lr, run["budget_epochs"], run))
       last = run["curve"][-1]
       if not quiet:
-        print(f"{method:5s} seed {seed}: train loss {last['train_loss']:.4f}, "
+        print(f"{method:5s} lr {lr:g} budget {run['budget_epochs']:g} seed {seed}: "
+              f"train loss {last['train_loss']:.4f}, "
               f"test acc {last['test_accuracy']:.4f}, wall "
               f"{last['wall_clock_s']:.1f} s, epochs {last['epoch']:.2f}, epochs "
               f"equivalent {last['epochs_equivalent']:.1f}, r "
@@ -492,12 +578,24 @@ def run_compare(config: CompareConfig, out: Optional[str | pathlib.Path] = None,
               f"(failed {last['pt_failures']}), non-finite norms "
               f"{last['nonfinite_norms']}, skipped steps {last['skipped_steps']}",
               flush=True)
+    return by_seed
+
+  # The main comparison (``lr``, full budget; its curves are kept), then the
+  # rest of the frontier (its records only, evaluated at the end only).
+  for method in config.methods:
+    runs[method] = train(method, config.lr, 1.0)
+  for lr in config.frontier_lrs:
+    for method in config.methods:
+      for budget in config.frontier_budgets if method == "usgd" else (1.0,):
+        if (lr, budget) != (config.lr, 1.0):
+          train(method, lr, budget, curve=False)
   results = {"config": dataclasses.asdict(config),
              "dataset": {"n_train": int(len(raw["y_train"])),
                          "n_test": int(len(raw["y_test"])),
                          "input_shape": list(input_shape), "classes": classes},
              "environment": environment(),
-             "runs": runs, "summary": summarise(runs, unbiased)}
+             "runs": runs, "frontier": records,
+             "summary": summarise(runs, unbiased, records, config.lr)}
   if out is not None:
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -520,16 +618,24 @@ def format_summary(summary: dict) -> str:
   """The summary as a small text table."""
   if "methods" not in summary:
     return summary.get("note", "")
-  fmt = format_stats
+  fmt, speed = format_stats, frontier.format_speedups
+  front = summary.get("frontier", {})
   lines = ["target: U-SGD's final training loss per seed; median [min, max] "
            "over seeds; RAIS, O-SGD and naive stop when their schedule's budget "
            "(epochs equivalent) is spent",
+           f"budget-matched: the wall-clock U-SGD's frontier (schedule fully "
+           f"decayed over each of {front.get('usgd_budgets_epochs')} epochs, best "
+           f"lr of {front.get('lrs')}) needs to reach the method's final quality, "
+           "over the method's; >x: U-SGD never reaches it, <x: its smallest "
+           "budget does better",
            f"{'method':18s} {'reached':>7s} {'epochs to target':>18s} "
            f"{'wall-clock to target (s)':>26s} {'speed-up (epochs)':>20s} "
            f"{'speed-up (wall-clock)':>22s} {'epochs run':>20s} "
            f"{'ms per step':>20s} {'final test acc':>22s} "
-           f"{'U-SGD acc, same epochs':>24s}"]
+           f"{'U-SGD acc, same epochs':>24s} "
+           f"{'budget-matched speed-up: train loss':>38s} {'test accuracy':>30s}"]
   for method, e in summary["methods"].items():
+    matched = e.get("budget_matched_speedup", {})
     lines.append(
         f"{method:18s} {e['epoch']['reached']:>7s} {fmt(e['epoch'], '.1f'):>18s} "
         f"{fmt(e['wall_clock_s'], '.2f'):>26s} "
@@ -538,7 +644,27 @@ def format_summary(summary: dict) -> str:
         f"{fmt(e['epochs_run'], '.1f'):>20s} "
         f"{fmt(e.get('ms_per_step', {}), '.3f'):>20s} "
         f"{fmt(e['final_test_accuracy'], '.3f'):>22s} "
-        f"{fmt(e['usgd_at_equal_epochs']['test_accuracy'], '.3f'):>24s}")
+        f"{fmt(e['usgd_at_equal_epochs']['test_accuracy'], '.3f'):>24s} "
+        f"{speed(matched.get('final_train_loss')):>38s} "
+        f"{speed(matched.get('final_test_accuracy')):>30s}")
+  for lr, by_method in front.get("budget_matched_speedup_by_lr", {}).items():
+    if float(lr) == front.get("lr"):
+      continue
+    parts = [f"{m} {speed(e.get('final_train_loss'))} / "
+             f"{speed(e.get('final_test_accuracy'))}" for m, e in by_method.items()]
+    lines.append(f"budget-matched speed-up (train loss / test accuracy) at lr "
+                 f"{lr}: " + "; ".join(parts))
   for name, order in summary.get("ranking", {}).items():
     lines.append(f"ranked by {name.replace('_', ' ')}: {' > '.join(order)}")
+  for method, e in summary["methods"].items():
+    matched = e.get("budget_matched_speedup", {})
+    if method != "usgd" and matched:
+      lines.append(
+          f"{method} at lr {front.get('lr')} against U-SGD's budget-matched frontier: "
+          f"speed-up {speed(matched.get('final_train_loss'))} to its final training "
+          f"loss and {speed(matched.get('final_test_accuracy'))} to its final test "
+          f"accuracy in wall-clock ({speed(matched.get('final_train_loss_by_epochs'))} "
+          f"and {speed(matched.get('final_test_accuracy_by_epochs'))} in epochs); "
+          "median [min, max] over seeds; below 1: U-SGD with a shorter, fully "
+          "decayed schedule gets there sooner")
   return "\n".join(lines)

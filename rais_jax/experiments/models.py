@@ -231,8 +231,10 @@ def stateful(module: nnx.Module, input_key: str = "x"
   the examples of a batch: see :mod:`rais_jax.model` for the norms RAIS then
   uses, and :class:`BatchNorm` for the form ghost norms need.
   """
-  graphdef, params, *others = nnx.split(module, nnx.Param, nnx.RngState, ...)
-  rngs, model_state = others
+  # The model state: every variable that is neither a parameter nor an RNG stream.
+  state_filter = nnx.Not(nnx.Any(nnx.Param, nnx.RngState))
+  graphdef, params, *rest = nnx.split(module, nnx.Param, nnx.RngState, state_filter)
+  rngs, model_state = rest
 
   def apply(p: Any, state: Any, batch: Any, key: Optional[jax.Array], train: bool):
     streams = rngs if key is None else _fresh_rngs(rngs, key)
@@ -242,6 +244,6 @@ def stateful(module: nnx.Module, input_key: str = "x"
     else:
       model.eval()
     outputs = model(batch[input_key])
-    return outputs, nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.RngState)))
+    return outputs, nnx.state(model, state_filter)
 
   return rj.StatefulModel(apply), params, model_state

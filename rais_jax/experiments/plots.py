@@ -70,6 +70,62 @@ def _cost_per_step(results: dict, out: pathlib.Path, title: str) -> pathlib.Path
   return out / "cost_per_step.png"
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+
+
+def _median(values: list[float]) -> float:
+  values = sorted(values)
+  mid = len(values) // 2
+  return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _frontier(results: dict, out: pathlib.Path, x: str, title: str) -> pathlib.Path:
+  """Final training loss and test accuracy against ``x`` (``wall_clock_s`` or
+  ``epochs_run``): each U-SGD learning rate a line over its budgets (median
+  over seeds; the seeds as dots), every other method's full-budget runs as
+  points per seed (one marker per learning rate), their median as a large
+  marker."""
+  records = [r for r in results["frontier"] if all(
+      isinstance(r[k], (int, float)) for k in (x, "final_train_loss"))]
+  lrs = sorted({r["lr"] for r in records})
+  fig = Figure(figsize=(11, 4.2))
+  axes = fig.subplots(1, 2)
+  for ax, y, label, log in ((axes[0], "final_train_loss", "final training loss (full set)", True),
+                            (axes[1], "final_test_accuracy", "final test accuracy", False)):
+    for i, lr in enumerate(lrs):
+      marker = _MARKERS[i % len(_MARKERS)]
+      mine = [r for r in records if r["lr"] == lr]
+      usgd = [r for r in mine if r["method"] == "usgd"]
+      budgets = sorted({r["budget_epochs"] for r in usgd})
+      line = [([r[x] for r in usgd if r["budget_epochs"] == b],
+               [r[y] for r in usgd if r["budget_epochs"] == b]) for b in budgets]
+      ax.plot([_median(xs) for xs, _ in line], [_median(ys) for _, ys in line],
+              color=_COLOURS["usgd"], marker=marker, alpha=0.4 + 0.6 * (i + 1) / len(lrs),
+              label=f"U-SGD, lr {lr:g}, budgets {budgets[0]:g}–{budgets[-1]:g} ep."
+              if budgets else None)
+      ax.plot([r[x] for r in usgd], [r[y] for r in usgd], ".", ms=3,
+              color=_COLOURS["usgd"], alpha=0.4)
+      for method in dict.fromkeys(r["method"] for r in mine if r["method"] != "usgd"):
+        runs = [r for r in mine if r["method"] == method]
+        colour = _COLOURS.get(method)
+        ax.plot([r[x] for r in runs], [r[y] for r in runs], marker, ms=4,
+                color=colour, alpha=0.5, ls="none")
+        ax.plot(_median([r[x] for r in runs]), _median([r[y] for r in runs]),
+                marker, ms=10, color=colour, mec="k", ls="none",
+                label=f"{_LABELS.get(method, method)}, lr {lr:g}")
+    if log:
+      ax.set_yscale("log")
+    xlabel = ("wall-clock training time (s)" if x == "wall_clock_s"
+              else "epochs run (real passes)")
+    ax.set(xlabel=xlabel, ylabel=label, title=title)
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=7)
+  fig.tight_layout()
+  name = "frontier_wall_clock.png" if x == "wall_clock_s" else "frontier_epochs.png"
+  fig.savefig(out / name, dpi=110)
+  return out / name
+
+
 def plot_compare(results: dict, out: str | pathlib.Path) -> list[pathlib.Path]:
   """Writes the comparison plots to ``out``; returns their paths."""
   out = pathlib.Path(out)
@@ -99,6 +155,8 @@ def plot_compare(results: dict, out: str | pathlib.Path) -> list[pathlib.Path]:
     fig.savefig(out / name, dpi=110)
     paths.append(out / name)
   paths.append(_cost_per_step(results, out, title))
+  if results.get("frontier"):
+    paths += [_frontier(results, out, x, title) for x in ("wall_clock_s", "epochs_run")]
   rais = results["runs"].get("rais")
   if rais:
     run = next(iter(rais.values()))
