@@ -60,6 +60,8 @@ def command(cfg: dict) -> str:
   defaults = dataclasses.asdict(compare.CompareConfig())
   flags = []
   for name, value in cfg.items():
+    if isinstance(value, (list, tuple)):  # tuples in memory, lists once read from JSON
+      value = list(value)
     if value == defaults[name] or (isinstance(value, list) and tuple(value) == defaults[name]):
       continue
     flag = "--" + name.replace("_", "-")
