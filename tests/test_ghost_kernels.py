@@ -99,12 +99,18 @@ def test_dense_with_shared_batch_dims():
       kernel=kernels.dot_general_sq)
 
 
-@pytest.mark.parametrize("layout,groups,strides,padding,dilation", [
-    ("NHWC", 1, (1, 1), "SAME", (1, 1)),
-    ("NCHW", 2, (2, 1), ((1, 0), (2, 1)), (1, 2)),
+@pytest.mark.parametrize("layout,groups,strides,padding,dilation,lhs_dilation", [
+    ("NHWC", 1, (1, 1), "SAME", (1, 1), (1, 1)),
+    ("NCHW", 2, (2, 1), ((1, 0), (2, 1)), (1, 2), (1, 1)),
+    # 2×2 output positions: the Gram form (T(window·A + C) ≤ window·A·C).
+    ("NHWC", 1, (3, 3), "VALID", (1, 1), (1, 1)),
+    ("NHWC", 2, (3, 4), "VALID", (1, 1), (1, 1)),  # 2 positions: Gram, grouped
+    # A transposed convolution (dilated input), with a negative padding.
+    ("NCHW", 2, (1, 2), ((2, 1), (-1, 2)), (1, 1), (2, 3)),
 ])
-def test_conv(layout, groups, strides, padding, dilation):
-  """A dense layer over each feature group's input patches."""
+def test_conv(layout, groups, strides, padding, dilation, lhs_dilation):
+  """A dense layer over each feature group's input patches, read as one
+  strided slice per window offset."""
   cin, cout = 4, 6
   w = _normal(0, 3, 3, cin // groups, cout)  # HWIO
   x = _normal(1, M, 7, 6, cin)  # NHWC
@@ -113,8 +119,17 @@ def test_conv(layout, groups, strides, padding, dilation):
     w = jnp.transpose(w, (3, 2, 0, 1))  # OIHW
   specs = (layout, "HWIO" if layout == "NHWC" else "OIHW", layout)
   conv = lambda w, x: lax.conv_general_dilated(
-      x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=specs,
-      feature_group_count=groups)
+      x, w, strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=dilation,
+      dimension_numbers=specs, feature_group_count=groups)
+  _check_site_kernel(conv, w, x, kernel=kernels.conv_sq)
+
+
+def test_conv_1d():
+  """One spatial axis (a sequence convolution, NWC / WIO)."""
+  w = _normal(0, 5, 3, 4)
+  x = _normal(1, M, 11, 3)
+  conv = lambda w, x: lax.conv_general_dilated(
+      x, w, (2,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
   _check_site_kernel(conv, w, x, kernel=kernels.conv_sq)
 
 
