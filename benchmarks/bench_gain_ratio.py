@@ -1,14 +1,20 @@
 """How good is the estimated gain ratio? r̂ against the true r over training.
 
     python benchmarks/bench_gain_ratio.py [--dataset mnist1d] [--model mlp] [--norms exact]
+        [--augment] [--dropout RATE] [--unroll] [--draws D]
 
-RAIS trains as in ``rais-jax compare`` (same model, schedule, block size, and
-it stops when the schedule's budget of epochs equivalent is spent); every
-``--every`` steps the true gain ratio at the current parameters and sampling
-distribution is computed from the exact norms of all n examples and the full
-gradient (:meth:`rais_jax.Runner.exact_gain_ratio`), beside the r̂ the next
-step will use and the bias-corrected moment EMAs it is made of. Writes
-``results/gain_ratio_DATASET_MODEL_NORMS.json``, ``.md`` and ``.png``.
+RAIS trains as in ``rais-jax compare`` (same model, schedule, block size,
+augmentation, and it stops when the schedule's budget of epochs equivalent
+is spent); every ``--every`` steps the true gain ratio at the current
+parameters and sampling distribution is computed from the exact norms of
+all n examples and the full gradient (:meth:`rais_jax.Runner.exact_gain_ratio`:
+independent examples, a stateful model in inference mode), beside the r̂ the
+next step will use and the bias-corrected moment EMAs it is made of. With
+``--draws D`` also the gain ratio of the step as it trains, by Monte Carlo
+over D uniform and D p-drawn minibatches in training mode with augmentation
+(:meth:`rais_jax.Runner.sampled_gain_ratio`): the truth for a loss that
+couples a batch's examples (BatchNorm), and the one r̂ is then compared with.
+Writes ``results/gain_ratio_DATASET_MODEL_NORMS.json``, ``.md`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from flax import nnx
 import rais_jax as rj
 from rais_jax.experiments import compare
 from rais_jax.experiments import data as data_lib
-from rais_jax.experiments.models import functional, make_model
+from rais_jax.experiments.models import functional, make_model, stateful
 
 from common import RESULTS, environment  # pylint: disable=g-bad-import-order
 
@@ -42,12 +48,14 @@ def corrected_moments(moments) -> dict:
 def run_seed(args, seed: int, raw, classes: int) -> list[dict]:
   train = {"x": jnp.asarray(raw["x_train"]), "label": jnp.asarray(raw["y_train"])}
   n, m = len(raw["y_train"]), args.batch_size
-  model_fn, params = functional(make_model(args.model, raw["x_train"].shape[1:],
-                                           classes, hidden=(256, 256),
-                                           rngs=nnx.Rngs(seed)))
   config = compare.CompareConfig(dataset=args.dataset, model=args.model,
                                  epochs=args.epochs, batch_size=m, lr=args.lr,
-                                 norms=args.norms)
+                                 norms=args.norms, augment=args.augment,
+                                 dropout=args.dropout, unroll=args.unroll)
+  split = stateful if config.stateful else lambda module: (*functional(module), ())
+  model_fn, params, model_state = split(make_model(
+      args.model, raw["x_train"].shape[1:], classes, hidden=(256, 256),
+      dropout=args.dropout, rngs=nnx.Rngs(seed)))
   steps_per_epoch = n // m
   kw = {} if args.ema_rate is None else {"ema_rate": args.ema_rate}
   sampler = rj.rais_sampler(rj.default_features(raw["y_train"], classes), batch_size=m,
@@ -58,16 +66,25 @@ def run_seed(args, seed: int, raw, classes: int) -> list[dict]:
   optimizer = rj.rais_sgd(compare.schedule(config, args.epochs * steps_per_epoch),
                           momentum=0.9)
   runner = rj.make_runner(model_fn, rj.softmax_cross_entropy_head(), optimizer,
-                          sampler, norms=args.norms, block_size=k)
+                          sampler, norms=args.norms, block_size=k,
+                          augment=compare.augmentation(config), unroll=args.unroll)
   truth = jax.jit(runner.exact_gain_ratio)
-  state, key, points = runner.init(params), jax.random.key(seed), []
+  sampled = jax.jit(lambda s, d, key: runner.sampled_gain_ratio(s, d, key, draws=args.draws))
+  state, key, points = runner.init(params, model_state), jax.random.key(seed), []
   budget = args.epochs * steps_per_epoch
   # Until the schedule's budget is spent (then the learning rate is 0 and
   # the parameters stop moving), as in ``rais-jax compare``.
   while float(rj.equivalent_iterations(state.opt_state)) < budget:
     state, metrics = runner.run(state, key, train, every)
     exact = truth(state, train)
-    points.append({
+    if args.draws:
+      mc = sampled(state, train, jax.random.fold_in(key, state.step))
+      sampled_point = {"r_sampled": float(mc.ratio), "r_sampled_se": float(mc.standard_error),
+                       "sampled_uniform_moment": float(mc.uniform_moment),
+                       "sampled_robust_moment": float(mc.robust_moment)}
+    else:
+      sampled_point = {}
+    points.append(sampled_point | {
         "step": int(state.step), "epoch": int(state.step) / steps_per_epoch,
         "epochs_equivalent": float(rj.epochs_equivalent(state.opt_state, m, n)),
         "r_hat": float(runner.gain_ratio(state)),
@@ -100,6 +117,12 @@ def main(argv=None):
                  help="α of the moment EMAs (default: the sampler's)")
   p.add_argument("--every", type=int, default=125, help="steps between truths")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  p.add_argument("--augment", action="store_true", help="random crop + flip")
+  p.add_argument("--dropout", type=float, default=0.0)
+  p.add_argument("--unroll", action="store_true",
+                 help="unrolled blocks (convolutions on CPU)")
+  p.add_argument("--draws", type=int, default=0,
+                 help="also the sampled r: D uniform and D p-drawn minibatches per point")
   p.add_argument("--name", default=None)
   args = p.parse_args(argv)
   raw = data_lib.load_dataset(args.dataset)
@@ -110,7 +133,8 @@ def main(argv=None):
     for q in runs[seed][:: max(1, len(runs[seed]) // 10)]:
       print(f"seed {seed} epoch {q['epoch']:5.1f} τ-epochs {q['epochs_equivalent']:5.1f} "
             f"r̂ {q['r_hat']:.3f} r {q['r_true']:.3f} "
-            f"Û/U {q['ema_uniform_moment'] / q['true_uniform_moment']:.3f} "
+            + (f"sampled r {q['r_sampled']:.3f} ± {q['r_sampled_se']:.3f} " if args.draws else "")
+            + f"Û/U {q['ema_uniform_moment'] / q['true_uniform_moment']:.3f} "
             f"R̂/R {q['ema_robust_moment'] / q['true_robust_moment']:.3f}", flush=True)
   name = args.name or f"gain_ratio_{args.dataset}_{args.model}_{args.norms}"
   RESULTS.mkdir(exist_ok=True)
@@ -121,21 +145,34 @@ def main(argv=None):
   # r̂ is clipped to [1, m], so it is compared with max(r, 1).
   warm = [q for pts in runs.values() for q in pts
           if q["fitted"] and q["step"] >= max(3 / args.ema_rate, 2 * every_of(runs))]
-  rel = [q["r_hat"] / max(q["r_true"], 1.0) - 1 for q in warm]
-  lines = [f"### Estimated vs true gain ratio ({args.dataset} {args.model}, "
+  truths = {"r_true": "exact r (independent examples, inference mode)"}
+  if args.draws:
+    truths["r_sampled"] = (f"sampled r (training mode, {args.draws} + {args.draws} "
+                           "minibatches per point)")
+  lines = [f"### Estimated vs true gain ratio ({args.dataset} {args.model}"
+           f"{' + augmentation' if args.augment else ''}"
+           f"{f', dropout {args.dropout}' if args.dropout else ''}, "
            f"{args.norms} norms, m={args.batch_size}, lr {args.lr}, α={args.ema_rate}, "
-           f"{args.epochs} epochs, seeds {args.seeds})", "",
-           f"After warm-up ({len(warm)} points), e = r̂ / max(r, 1) − 1: median "
-           f"{statistics.median(rel):+.3f}, median |e| {statistics.median(np.abs(rel)):.3f}, "
-           f"90th percentile of |e| {np.quantile(np.abs(rel), 0.9):.3f}, min {min(rel):+.3f}, "
-           f"max {max(rel):+.3f}; |e| ≤ 0.10 at {np.mean(np.abs(rel) <= 0.1):.0%} of points; "
-           f"true r < 1 (sampling worse than uniform) at "
-           f"{np.mean([q['r_true'] < 1 for q in warm]):.0%}.", "",
-           "| seed | epoch | epochs equivalent | r̂ | true r | r̂/r − 1 |", "|---|---|---|---|---|---|"]
+           f"{args.epochs} epochs, seeds {args.seeds})", ""]
+  for truth, label in truths.items():
+    rel = [q["r_hat"] / max(q[truth], 1.0) - 1 for q in warm]
+    lines += [f"Against the {label}, after warm-up ({len(warm)} points), "
+              f"e = r̂ / max(r, 1) − 1: median "
+              f"{statistics.median(rel):+.3f}, median |e| {statistics.median(np.abs(rel)):.3f}, "
+              f"90th percentile of |e| {np.quantile(np.abs(rel), 0.9):.3f}, min {min(rel):+.3f}, "
+              f"max {max(rel):+.3f}; |e| ≤ 0.10 at {np.mean(np.abs(rel) <= 0.1):.0%} of points; "
+              f"true r < 1 (sampling worse than uniform) at "
+              f"{np.mean([q[truth] < 1 for q in warm]):.0%}.", ""]
+  sampled_cols = args.draws > 0
+  lines += ["| seed | epoch | epochs equivalent | r̂ | exact r | r̂/r − 1 |"
+            + (" sampled r ± s.e. | r̂/r − 1 |" if sampled_cols else ""),
+            "|---|---|---|---|---|---|" + ("---|---|" if sampled_cols else "")]
   for seed, pts in runs.items():
     for q in pts[:: max(1, len(pts) // 6)]:
       lines.append(f"| {seed} | {q['epoch']:.1f} | {q['epochs_equivalent']:.1f} | "
-                   f"{q['r_hat']:.3f} | {q['r_true']:.3f} | {q['r_hat'] / q['r_true'] - 1:+.3f} |")
+                   f"{q['r_hat']:.3f} | {q['r_true']:.3f} | {q['r_hat'] / q['r_true'] - 1:+.3f} |"
+                   + (f" {q['r_sampled']:.3f} ± {q['r_sampled_se']:.3f} | "
+                      f"{q['r_hat'] / q['r_sampled'] - 1:+.3f} |" if sampled_cols else ""))
   md = "\n".join(lines) + "\n"
   (RESULTS / f"{name}.md").write_text(md)
   print(md)
@@ -146,9 +183,12 @@ def main(argv=None):
   for i, (seed, pts) in enumerate(runs.items()):
     ep = [q["epoch"] for q in pts]
     ax.plot(ep, [q["r_true"] for q in pts], color=f"C{i}", lw=1.5,
-            label=f"true r, seed {seed}")
+            label=f"exact r, seed {seed}")
     ax.plot(ep, [q["r_hat"] for q in pts], color=f"C{i}", lw=1, ls="--",
             label=f"r̂, seed {seed}")
+    if args.draws:
+      ax.errorbar(ep, [q["r_sampled"] for q in pts], [q["r_sampled_se"] for q in pts],
+                  color=f"C{i}", lw=1, ls=":", label=f"sampled r, seed {seed}")
   ax.set_xlabel("epoch")
   ax.set_ylabel("gain ratio")
   ax.set_title(f"{args.dataset} {args.model}, {args.norms} norms")

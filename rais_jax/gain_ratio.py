@@ -167,6 +167,31 @@ def exact(norms: chex.Array, probs: chex.Array, full_grad_sq_norm: chex.Array,
   return ExactGainRatio(mean_sq(uniform) / mean_sq(robust), uniform, robust, g2)
 
 
+class SampledGainRatio(NamedTuple):
+  """The gain ratio of the step as it trains, by Monte Carlo, and its parts."""
+
+  ratio: chex.Array  # r = E‖g_U‖² / E‖g_R‖², the means of the draws
+  uniform_moment: chex.Array  # mean ‖g_U‖² over the uniform draws
+  robust_moment: chex.Array  # mean ‖g_R‖² over the draws from p
+  standard_error: chex.Array  # of the ratio (delta method)
+
+
+def sampled(uniform_sq_norms: chex.Array, robust_sq_norms: chex.Array
+            ) -> SampledGainRatio:
+  """r from D paired draws of ‖g_U‖² and ‖g_R‖² (whole minibatches).
+
+  The ratio of the two means, with its delta-method standard error
+  r·sqrt((s_U²/Ū² + s_R²/R̄² − 2 s_UR/(Ū R̄)) / D) (paired draws may share
+  their augmentation and dropout keys, hence the covariance).
+  """
+  u, r = uniform_sq_norms.astype(jnp.float32), robust_sq_norms.astype(jnp.float32)
+  d = u.shape[0]
+  mu, mr = jnp.mean(u), jnp.mean(r)
+  cov = jnp.cov(jnp.stack([u, r]))
+  rel_var = (cov[0, 0] / mu**2 + cov[1, 1] / mr**2 - 2 * cov[0, 1] / (mu * mr)) / d
+  ratio = mu / mr
+  return SampledGainRatio(ratio, mu, mr, ratio * jnp.sqrt(jnp.maximum(rel_var, 0.0)))
+
 def estimate(state: GainRatioState, batch_size: int, *,
              r_max: Optional[float] = None,
              scale_free: bool = False) -> chex.Array:

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import optax
 
 from rais_jax import gain_ratio as gain_ratio_lib
-from rais_jax.measure import all_exact_norms, full_gradient
+from rais_jax.measure import (all_exact_norms, full_gradient, measured_gradient,
+                              measured_gradient_stateful)
 from rais_jax.pt import handoff
 from rais_jax.pt import service as pt_service
 from rais_jax.pt.snapshot import PendingSolve
@@ -95,6 +96,44 @@ class BlockPrograms:
     grads = full_gradient(loss_fn, state.params, data, chunk_size=chunk_size)
     return gain_ratio_lib.exact(norms, smp.probabilities(state.sampler),
                                 optax.tree.norm(grads, squared=True), smp.batch_size)
+
+  def sampled_gain_ratio(self, state: TrainState, data: PyTree, key: chex.PRNGKey,
+                         *, draws: int = 64) -> gain_ratio_lib.SampledGainRatio:
+    """The true gain ratio of the step as it trains, by Monte Carlo.
+
+    ``draws`` minibatches of m drawn uniformly (with replacement) and as many
+    from the sampler's p (weights 1/(n p)), each with the step's
+    augmentation and a training-mode model (dropout, BatchNorm's batch
+    statistics; a uniform and a p-drawn batch share a key): r = mean ‖g_U‖²
+    / mean ‖g_R‖², with its Monte Carlo standard error. Unlike
+    :meth:`exact_gain_ratio` it assumes nothing about how a batch's examples
+    combine, so it is the truth for a loss that couples them (BatchNorm).
+    For analysis, not for training.
+    """
+    smp, spec = self.sampler, self.spec
+    if smp.probabilities is None:
+      raise ValueError(f"the {smp.name!r} sampler has no sampling distribution.")
+    if draws < 2:
+      raise ValueError(f"draws must be at least 2 (a standard error); got {draws}.")
+    n, m = smp.num_examples, smp.batch_size
+    probs = smp.probabilities(state.sampler)
+
+    def sq_norm(indices, weights, step_key):
+      batch, model_key = spec.prepare(spec.gather(data, indices),
+                                      step_key if spec.keyed else None)
+      grads = batch_gradient(spec, state.params, state.model_state, model_key,
+                             batch, weights)
+      return optax.tree.norm(grads, squared=True)
+
+    def draw(key):
+      uniform_key, robust_key, step_key = jax.random.split(key, 3)
+      uniform = jax.random.randint(uniform_key, (m,), 0, n)
+      robust = jax.random.categorical(robust_key, jnp.log(probs), shape=(m,))
+      return (sq_norm(uniform, jnp.ones((m,), jnp.float32), step_key),
+              sq_norm(robust, 1.0 / (n * probs[robust]), step_key))
+
+    uniform, robust = jax.lax.map(draw, jax.random.split(key, draws))
+    return gain_ratio_lib.sampled(uniform, robust)
 
   def draw(self, state: TrainState, key: chex.PRNGKey, *,
            num_steps: Optional[int] = None) -> Any:
@@ -226,3 +265,15 @@ def needs_all_data(name: str) -> str:
   return (f"the {name!r} sampler reads the whole training set on device (all n "
           "examples, or candidates drawn inside the step): pass the data as "
           "arrays, not a loader.")
+
+
+def batch_gradient(spec: StepSpec, params: PyTree, model_state: PyTree,
+                   key: Optional[chex.PRNGKey], batch: PyTree,
+                   weights: chex.Array) -> PyTree:
+  """(1/m) Σ_k w_k ∇f_k of one prepared batch, as the step computes it
+  (training mode), without norms."""
+  if spec.stateful:
+    return measured_gradient_stateful(spec.model, spec.loss_head, params, model_state,
+                                      key, batch, weights, norms=None)[0]
+  return measured_gradient(spec.model_fn, spec.loss_head, params, batch, weights,
+                           norms=None)[0]

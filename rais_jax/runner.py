@@ -109,6 +109,11 @@ class Runner:
     """See :meth:`rais_jax.programs.BlockPrograms.exact_gain_ratio`."""
     return self.programs.exact_gain_ratio(state, data, chunk_size=chunk_size)
 
+  def sampled_gain_ratio(self, state: TrainState, data: PyTree, key: chex.PRNGKey,
+                         *, draws: int = 64) -> gain_ratio_lib.SampledGainRatio:
+    """See :meth:`rais_jax.programs.BlockPrograms.sampled_gain_ratio`."""
+    return self.programs.sampled_gain_ratio(state, data, key, draws=draws)
+
   def run(self, state: TrainState, key: chex.PRNGKey,
           data: PyTree | Callable[[np.ndarray], PyTree],
           num_steps: int) -> tuple[TrainState, StepMetrics]:
