@@ -24,8 +24,8 @@ This package does that for any JAX function by reading its jaxpr:
   gradient. It inlines ``jit``, ``closed_call`` and ``remat`` and unrolls
   scans of at most ``MAX_UNROLL`` steps over stacked layers.
 * :mod:`~rais_jax.ghost.kernels`: the Gram form per primitive (``dot_general``,
-  ``conv_general_dilated`` over input patches, embedding ``gather``, a 2-D
-  weight tied across sites).
+  ``conv_general_dilated`` over strided slices of the input, one per window
+  offset, embedding ``gather``, a 2-D weight tied across sites).
 * :mod:`~rais_jax.ghost.plan`: which leaf goes to which kernel; the rest
   (biases and scales broadcast into the data, parameters combined with each
   other, higher-order equations such as ``cond`` or a shared-weight
