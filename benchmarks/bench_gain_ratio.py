@@ -61,7 +61,7 @@ def run_seed(args, seed: int, raw, classes: int) -> list[dict]:
   sampler = rj.rais_sampler(rj.default_features(raw["y_train"], classes), batch_size=m,
                             **kw)
   args.ema_rate = sampler.ema_rate
-  k = compare.block_size(steps_per_epoch, min(32, sampler.pt.period // 2))
+  k = compare.block_size(steps_per_epoch, min(args.block_size, sampler.pt.period // 2))
   every = k * max(1, args.every // k)
   optimizer = rj.rais_sgd(compare.schedule(config, args.epochs * steps_per_epoch),
                           momentum=0.9)
@@ -121,6 +121,8 @@ def main(argv=None):
   p.add_argument("--dropout", type=float, default=0.0)
   p.add_argument("--unroll", action="store_true",
                  help="unrolled blocks (convolutions on CPU)")
+  p.add_argument("--block-size", type=int, default=32,
+                 help="at most this K (and half a (PT) period)")
   p.add_argument("--draws", type=int, default=0,
                  help="also the sampled r: D uniform and D p-drawn minibatches per point")
   p.add_argument("--name", default=None)
