@@ -192,6 +192,7 @@ def sampled(uniform_sq_norms: chex.Array, robust_sq_norms: chex.Array
   ratio = mu / mr
   return SampledGainRatio(ratio, mu, mr, ratio * jnp.sqrt(jnp.maximum(rel_var, 0.0)))
 
+
 def estimate(state: GainRatioState, batch_size: int, *,
              r_max: Optional[float] = None,
              scale_free: bool = False) -> chex.Array:
