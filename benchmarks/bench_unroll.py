@@ -1,5 +1,6 @@
 """The fast path's step time with the block's steps in a loop and unrolled,
-on the ResNet (Fashion-MNIST shapes, crop + flip), U-SGD and RAIS.
+on the ResNet (Fashion-MNIST shapes, crop + flip), U-SGD and RAIS (exact
+and proxy norms).
 
     python benchmarks/bench_unroll.py [--block-size 8] [--out unroll_resnet]
 
@@ -43,7 +44,9 @@ def main(argv=None):
   augment = rj.augment.chain(rj.augment.random_crop(2), rj.augment.horizontal_flip())
   samplers = {"usgd": (lambda: rj.uniform_sampler(n, batch_size=m), None),
               "rais": (lambda: rj.rais_sampler(rj.default_features(labels, 10),
-                                               batch_size=m), "exact")}
+                                               batch_size=m), "exact"),
+              "rais proxy": (lambda: rj.rais_sampler(rj.default_features(labels, 10),
+                                                     batch_size=m), "proxy")}
   calls, compile_s, runners = {}, {}, []
   for name, (make, norms) in samplers.items():
     for unroll in (False, True):
@@ -66,10 +69,14 @@ def main(argv=None):
     loop, unrolled = times[f"{name}, loop"], times[f"{name}, unrolled"]
     rows.append({"method, block": f"{name}: loop / unrolled", "ms_per_step": loop / unrolled,
                  "first_call_s": float("nan")})
+  for name in list(samplers)[1:]:
+    rows.append({"method, block": f"{name} / usgd, unrolled",
+                 "ms_per_step": times[f"{name}, unrolled"] / times["usgd, unrolled"],
+                 "first_call_s": float("nan")})
   print(write(args.out, rows, ["method, block", "ms_per_step", "first_call_s"],
               f"ResNet (8/16/32, BatchNorm) fast-path step, m = {m}, K = {k}, crop + "
               "flip: the block's steps in a loop vs unrolled (medians; the ratio rows "
-              "are loop / unrolled)"))
+              "are loop / unrolled, and RAIS / U-SGD unrolled)"))
 
 
 if __name__ == "__main__":

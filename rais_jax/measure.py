@@ -120,18 +120,63 @@ def measured_gradient(model_fn: ModelFn, loss_head: LossHead, params: PyTree,
   return grads, u, inner, losses
 
 
+def _proxy_gradient_stateful(model: StatefulModel, loss_head: LossHead,
+                             params: PyTree, model_state: PyTree,
+                             key: chex.PRNGKey, batch: PyTree, weights: chex.Array,
+                             *, halves: bool):
+  """Gradient, proxy norms, ⟨g_A, g_B⟩ (or None) and the new state from one
+  forward pass of the whole batch in training mode (half batches would
+  change BatchNorm's statistics). ``halves``: the backward pass runs twice
+  (vmapped), with the cotangents of each half, for ⟨g_A, g_B⟩."""
+  m = weights.shape[0]
+  out_shape = jax.eval_shape(
+      lambda p: model.apply(p, model_state, batch, key, True)[0], params)
+  shift = jnp.zeros(out_shape.shape, out_shape.dtype)
+
+  def weighted(p, z):
+    outputs, new_state = model.apply(p, model_state, batch, key, True)
+    # (XLA keeps an added 0.0: it is not a no-op for -0.0.)
+    losses = loss_head(outputs + z, batch)
+    return losses, new_state
+
+  losses, backward, new_state = jax.vjp(weighted, params, shift, has_aux=True)
+  w = (weights / m).astype(losses.dtype)
+  if halves:
+    masks = (jnp.arange(m) < m // 2)[None] == jnp.array([True, False])[:, None]
+    half_grads, half_shifts = jax.vmap(backward)(jnp.where(masks, w, 0))
+    grads = jax.tree.map(lambda g: g[0] + g[1], half_grads)
+    shift_grad = half_shifts[0] + half_shifts[1]
+    # Each half's mean gradient is twice its share of the sum; the halves are
+    # independent draws, so their inner product is unbiased for ‖∇F‖².
+    inner = 4 * sum(jnp.vdot(g[0], g[1]) for g in jax.tree.leaves(half_grads))
+  else:
+    grads, shift_grad = backward(w)
+    inner = None
+  # ∂(Σ w f / m)/∂z_k = (w_k/m) ∂f_k/∂z_k.
+  u = jnp.linalg.norm(shift_grad.reshape(m, -1), axis=-1) * m / weights
+  return grads, u, inner, losses, new_state
+
+
 def measured_gradient_stateful(
     model: StatefulModel, loss_head: LossHead, params: PyTree, model_state: PyTree,
     key: chex.PRNGKey, batch: PyTree, weights: chex.Array, *, norms: Optional[str],
     exact_method: str = "ghost", coupled: bool = False):
   """:func:`measured_gradient` of a :class:`~rais_jax.StatefulModel` in
-  training mode (with ``key``); returns (grads, u, None, losses, the new
-  model state). ``norms`` is "exact" or None; ``coupled``: the loss couples
-  the batch's examples (the norms are then their shares of the gradient,
-  ghost only; see :mod:`rais_jax.model`). The separability check is the
-  caller's (:meth:`rais_jax.step.StepSpec.check`)."""
+  training mode (with ``key``); returns (grads, u, ⟨g_A, g_B⟩ or None,
+  losses, the new model state). ``coupled``: the loss couples the batch's
+  examples (exact norms are then their shares of the gradient, ghost only;
+  see :mod:`rais_jax.model`; proxy norms need no ⟨g_A, g_B⟩, since the gain
+  ratio of a coupled loss is the ratio of the norms' moments,
+  :mod:`rais_jax.gain_ratio`). The separability check is the caller's
+  (:meth:`rais_jax.step.StepSpec.check`)."""
   m = weights.shape[0]
   loss_aux = training_loss(model, loss_head, model_state, key)
+  if norms == "proxy":
+    grads, u, inner, losses, new_state = _proxy_gradient_stateful(
+        model, loss_head, params, model_state, key, batch, weights,
+        halves=not coupled)
+    u = jnp.where(jnp.isfinite(losses), u, jnp.nan)
+    return grads, u, inner, losses, new_state
   if norms == "exact" and exact_method == "ghost":
     losses, grads, u, new_state = ghost.value_grad_and_norms(
         loss_aux, params, batch, weights / m, has_aux=True, coupled=coupled)

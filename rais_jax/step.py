@@ -150,12 +150,6 @@ class StepSpec:
     self.optimizer = optax.with_extra_args_support(optimizer)
     self.sampler = sampler
     self.norms = check_norms(norms, exact_method, sampler)
-    if self.stateful and self.norms == "proxy":
-      raise ValueError(
-          "norms='proxy' splits each batch into two halves run as separate "
-          "batches, which would change a stateful model's training (BatchNorm "
-          "statistics of half batches): use norms='exact' with a "
-          "rais_jax.StatefulModel.")
     self.exact_method = exact_method
     self.batch_sharding = batch_sharding
     # The loss in inference mode (the oracle, the exact gain ratio, the
@@ -198,8 +192,21 @@ class StepSpec:
     smp = self.sampler
     if not smp.boosts_lr:
       return jnp.ones((), jnp.float32)
+    if self.stateful and self.coupled is None:
+      raise ValueError(
+          "the gain ratio of a rais_jax.StatefulModel depends on whether its "
+          "training-mode loss couples examples (BatchNorm), which the first "
+          "traced step probes: run a step (or restore a state and run one) "
+          "before asking for it.")
     return gain_ratio_lib.estimate(moments, smp.batch_size, r_max=smp.r_max,
-                                   scale_free=self.norms == "proxy")
+                                   scale_free=self.halves,
+                                   coupled=bool(self.coupled))
+
+  @property
+  def halves(self) -> bool:
+    """Every step measures ⟨g_A, g_B⟩ of its two halves: proxy norms (the
+    scale-free gain ratio) of a loss that does not couple examples."""
+    return self.norms == "proxy" and not self.coupled
 
   def check_on_data(self, params: PyTree, data: PyTree, model_state: PyTree = ()
                     ) -> None:
@@ -276,7 +283,7 @@ def train_step(spec: StepSpec, data: Optional[PyTree], context: PyTree, carry: C
   out and re-runs a block guarded only when needed). ``measure_grad``:
   whether this step's ‖g_R‖² enters the gain ratio's averages, at EMA rate
   ``grad_rate`` (default α; a pass over the gradient: exact norms need it on
-  one step per block, proxy norms on every step; see
+  one step per block, proxy norms of a separable loss on every step; see
   :mod:`rais_jax.gain_ratio`).
 
   Returns the carry and (what the sampler folds in, the step's metrics).
@@ -366,7 +373,7 @@ def scan_steps(spec: StepSpec, data: Optional[PyTree], context: PyTree,
         metrics.loss, metrics.gain_ratio, metrics.grad_sq_norm,
         metrics.applied]).astype(jnp.float32))
 
-  every_step = guarded or spec.norms == "proxy"
+  every_step = guarded or spec.halves
   if every_step or not spec.sampler.boosts_lr:
     carry, (measured, stacked) = jax.lax.scan(
         functools.partial(step, measure_grad=every_step), carry, xs,

@@ -62,7 +62,10 @@ def make_train_step(model_fn: ModelFn | StatefulModel, loss_head: LossHead,
       exact norms from :func:`rais_jax.value_grad_and_norms`, with ghost
       norms one backward pass; the gain ratio uses them directly),
       ``"proxy"`` (‖∂f_k/∂outputs_k‖ from the same backward pass, split into
-      two half-batches for the scale-free gain ratio; m must be even). A
+      two half-batches for the scale-free gain ratio; m must be even; a
+      :class:`~rais_jax.StatefulModel` runs its whole batch at once and, for
+      the halves, its backward pass twice, or once if its loss couples
+      examples: then r is the norms' moment ratio, :mod:`rais_jax.gain_ratio`). A
       sampler that measures no norms gets none (None is allowed only there).
     oracle_period: for a sampler with ``refresh`` (O-SGD), refresh the exact
       norms of all n examples every this many steps (default 1: the true

@@ -23,8 +23,9 @@ import pytest
 ROOT = pathlib.Path(__file__).parents[1]
 PAGES = ("README.md", "docs/results.md")
 MARKER = re.compile(r"<!--\s*(table|figures|not figures):?\s*(.*?)\s*-->")
-# A decimal figure or a k/n count; not inside words, paths or versions.
-FIGURE = re.compile(r"(?<![\w.\-/])(\d+\.\d+|\d+/\d+)(?![\w.\-/]*\d)")
+# A decimal figure (a typographic minus, −, makes it negative) or a k/n
+# count; not inside words, paths or versions.
+FIGURE = re.compile(r"(?<![\w.\-/])(−?)(\d+\.\d+|\d+/\d+)(?![\w.\-/]*\d)")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
 
@@ -92,15 +93,15 @@ def problems(page: str, text: str) -> list[str]:
         more, more_counts = _numbers(source)
         numbers += more
         counts |= more_counts
-      for figure in FIGURE.findall(_strip_code("\n".join(block))):
+      for minus, figure in FIGURE.findall(_strip_code("\n".join(block))):
         if "/" in figure:
           ok = figure in counts
         else:
           decimals = len(figure.split(".")[1])
-          ok = any(abs(v - float(figure)) <= 0.5 * 10 ** -decimals + 1e-12
-                   for v in numbers)
+          value = -float(figure) if minus else float(figure)
+          ok = any(abs(v - value) <= 0.5 * 10 ** -decimals + 1e-12 for v in numbers)
         if not ok:
-          out.append(f"{where}: {figure} is not in {argument}")
+          out.append(f"{where}: {minus}{figure} is not in {argument}")
   return out
 
 
@@ -119,7 +120,8 @@ def test_the_check_catches_a_changed_figure_and_an_unmarked_table(tmp_path):
   ok = page.format(f=str(source))
   assert problems("page", ok) == ["page:6: a table without a marker (table:, "
                                   "figures: or not figures)"]
-  for wrong in ("1.52", "2.25"):  # a changed figure; one from outside the subtree
+  # A changed figure; one from outside the subtree; a changed sign.
+  for wrong in ("1.52", "2.25", "−1.51"):
     bad = ok.replace("1.51", wrong)
     assert problems("page", bad)[0] == f"page:1: {wrong} is not in {source}#a"
   assert "3/4 is not in" in problems("page", ok.replace("3/3", "3/4"))[0]

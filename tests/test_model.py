@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 import rais_jax as rj
+from rais_jax import measure
 from rais_jax.experiments import models
 from rais_jax.model import step_keys
 import hlo as hlo_lib  # pylint: disable=g-bad-import-order
@@ -159,8 +160,17 @@ def test_rais_trains_a_batchnorm_model_and_refuses_flax_batchnorm():
   model, params, state = models.stateful(_Net(False, nnx.Rngs(0)))
   runner = rj.make_runner(model, head, rj.rais_sgd(0.1), sampler, block_size=K,
                           augment=AUGMENT)
+  with pytest.raises(ValueError, match="probes"):
+    runner.gain_ratio(runner.init(params, state))
   out, metrics = runner.run(runner.init(params, state), jax.random.key(0), data, 4 * K)
   assert runner.programs.spec.coupled
+  # r of a coupled loss: the moment ratio of its shares (rais_jax.gain_ratio).
+  moments = rj.gain_ratio.update(rj.gain_ratio.init(), jnp.linspace(0.1, 3, M),
+                                 jnp.linspace(0.5, 2, M) / N, N, jnp.float32(0.5))
+  np.testing.assert_allclose(
+      runner.programs.spec.gain_ratio(moments),
+      rj.gain_ratio.estimate(moments, M, coupled=True), rtol=1e-6)
+  assert float(runner.programs.spec.gain_ratio(moments)) > 1.05
   assert int(out.step) == 4 * K and np.isfinite(np.asarray(metrics.loss)).all()
   flax_model, flax_params, flax_state = models.stateful(_Net(True, nnx.Rngs(0)))
   flax_runner = rj.make_runner(flax_model, head, rj.rais_sgd(0.1), sampler, block_size=K)
@@ -170,8 +180,61 @@ def test_rais_trains_a_batchnorm_model_and_refuses_flax_batchnorm():
     rj.make_runner(model, head, rj.rais_sgd(0.1), sampler, block_size=K,
                    exact_method="vmap").run(runner.init(params, state),
                                             jax.random.key(0), data, K)
-  with pytest.raises(ValueError, match="proxy"):
-    rj.make_runner(model, head, rj.rais_sgd(0.1), sampler, norms="proxy")
+  proxy = rj.make_runner(model, head, rj.rais_sgd(0.1), sampler, block_size=K,
+                         norms="proxy", augment=AUGMENT)
+  out, metrics = proxy.run(proxy.init(params, state), jax.random.key(0), data, 4 * K)
+  assert not proxy.programs.spec.halves  # a coupled loss's r needs no halves
+  assert np.isfinite(np.asarray(metrics.loss)).all()
+  assert float(out.moments.grad_weight) > 0
+
+
+class _DropNet(nnx.Module):
+  """dense → ReLU → dropout → dense: state-free, keyed, separable."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(64, 8, rngs=rngs)
+    self.drop = nnx.Dropout(0.25, rngs=rngs)
+    self.out = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.drop(jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))))
+
+
+@pytest.mark.usefixtures("highest_precision")
+@pytest.mark.parametrize("coupled", [True, False])
+def test_proxy_norms_of_a_stateful_model(coupled):
+  """Proxy norms in training mode from one forward pass of the whole batch:
+  the true training gradient and new state, u_k = ‖∂f_k/∂outputs_k‖, and
+  (for a loss that does not couple examples) ⟨g_A, g_B⟩ of the two halves'
+  mean gradients within that batch."""
+  module = _Net(False, nnx.Rngs(0)) if coupled else _DropNet(nnx.Rngs(0))
+  model, params, state = models.stateful(module)
+  head = rj.softmax_cross_entropy_head()
+  batch = jax.tree.map(lambda x: x[:M], _data())
+  w, key = jnp.linspace(0.5, 2.0, M), jax.random.key(5)
+  grads, u, inner, losses, new_state = measure.measured_gradient_stateful(
+      model, head, params, state, key, batch, w, norms="proxy", coupled=coupled)
+  ref_grads, _, _, ref_losses, ref_state = measure.measured_gradient_stateful(
+      model, head, params, state, key, batch, w, norms=None)
+  _leaves_close(grads, ref_grads, rtol=1e-5, atol=1e-7)
+  _leaves_close(new_state, ref_state, rtol=1e-6)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  outputs = model.apply(params, state, batch, key, True)[0]
+  dz = jax.grad(lambda z: jnp.sum(head(z, batch)))(outputs)
+  np.testing.assert_allclose(u, jnp.linalg.norm(dz, axis=1), rtol=1e-5)
+
+  def half_mean_grad(half):
+    mask = (jnp.arange(M) < M // 2) == (half == 0)
+    return jax.grad(lambda p: jnp.sum(jnp.where(mask, w, 0) * head(
+        model.apply(p, state, batch, key, True)[0], batch)) / (M // 2))(params)
+
+  if coupled:
+    assert inner is None
+  else:
+    g_a, g_b = half_mean_grad(0), half_mean_grad(1)
+    expected = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g_a),
+                                                   jax.tree.leaves(g_b)))
+    np.testing.assert_allclose(inner, expected, rtol=1e-5)
 
 
 def test_weighted_gradient_stays_unbiased_under_augmentation():

@@ -203,6 +203,10 @@ METHODS: dict[str, MethodFactory] = {
     "rais": lambda labels, classes, config: (rj.rais_sampler(
         rj.default_features(labels, classes), batch_size=config.batch_size,
         r_max=config.r_max, **_floor(config)), config.norms),
+    # RAIS with proxy norms whatever --norms says: beside "rais" in one run.
+    "rais-proxy": lambda labels, classes, config: (rj.rais_sampler(
+        rj.default_features(labels, classes), batch_size=config.batch_size,
+        r_max=config.r_max, **_floor(config)), "proxy"),
     # The oracle's own steps measure exact norms (ghost): its r is exact.
     "osgd": lambda labels, classes, config: (rj.oracle_sampler(
         len(labels), batch_size=config.batch_size, r_max=config.r_max), "exact"),
