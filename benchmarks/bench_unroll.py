@@ -42,11 +42,9 @@ def main(argv=None):
   model, params, model_state = stateful(ResNet((28, 28), 10, rngs=nnx.Rngs(0)))
   head = rj.softmax_cross_entropy_head()
   augment = rj.augment.chain(rj.augment.random_crop(2), rj.augment.horizontal_flip())
+  rais = lambda: rj.rais_sampler(rj.default_features(labels, 10), batch_size=m)
   samplers = {"usgd": (lambda: rj.uniform_sampler(n, batch_size=m), None),
-              "rais": (lambda: rj.rais_sampler(rj.default_features(labels, 10),
-                                               batch_size=m), "exact"),
-              "rais proxy": (lambda: rj.rais_sampler(rj.default_features(labels, 10),
-                                                     batch_size=m), "proxy")}
+              "rais": (rais, "exact"), "rais proxy": (rais, "proxy")}
   calls, compile_s, runners = {}, {}, []
   for name, (make, norms) in samplers.items():
     for unroll in (False, True):

@@ -171,13 +171,12 @@ def measured_gradient_stateful(
   (:meth:`rais_jax.step.StepSpec.check`)."""
   m = weights.shape[0]
   loss_aux = training_loss(model, loss_head, model_state, key)
+  inner = None
   if norms == "proxy":
     grads, u, inner, losses, new_state = _proxy_gradient_stateful(
         model, loss_head, params, model_state, key, batch, weights,
         halves=not coupled)
-    u = jnp.where(jnp.isfinite(losses), u, jnp.nan)
-    return grads, u, inner, losses, new_state
-  if norms == "exact" and exact_method == "ghost":
+  elif norms == "exact" and exact_method == "ghost":
     losses, grads, u, new_state = ghost.value_grad_and_norms(
         loss_aux, params, batch, weights / m, has_aux=True, coupled=coupled)
   else:
@@ -188,7 +187,7 @@ def measured_gradient_stateful(
         lambda p, b: loss_aux(p, b)[0], params, batch, method="vmap",
         separable_check=False) if norms == "exact" else jnp.zeros((m,), jnp.float32))
   u = jnp.where(jnp.isfinite(losses), u, jnp.nan)
-  return grads, u, None, losses, new_state
+  return grads, u, inner, losses, new_state
 
 
 def all_exact_norms(loss_fn: Callable[[PyTree, PyTree], chex.Array],

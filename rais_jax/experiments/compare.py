@@ -197,16 +197,19 @@ def _floor(config: CompareConfig) -> dict[str, Any]:
   return {} if config.floor is None else {"floor": config.floor}
 
 
+def _rais(norms: Optional[str] = None) -> MethodFactory:
+  """RAIS with these norms (None: ``config.norms``)."""
+  return lambda labels, classes, config: (rj.rais_sampler(
+      rj.default_features(labels, classes), batch_size=config.batch_size,
+      r_max=config.r_max, **_floor(config)), norms or config.norms)
+
+
 METHODS: dict[str, MethodFactory] = {
     "usgd": lambda labels, classes, config: (
         rj.uniform_sampler(len(labels), batch_size=config.batch_size), None),
-    "rais": lambda labels, classes, config: (rj.rais_sampler(
-        rj.default_features(labels, classes), batch_size=config.batch_size,
-        r_max=config.r_max, **_floor(config)), config.norms),
+    "rais": _rais(),
     # RAIS with proxy norms whatever --norms says: beside "rais" in one run.
-    "rais-proxy": lambda labels, classes, config: (rj.rais_sampler(
-        rj.default_features(labels, classes), batch_size=config.batch_size,
-        r_max=config.r_max, **_floor(config)), "proxy"),
+    "rais-proxy": _rais("proxy"),
     # The oracle's own steps measure exact norms (ghost): its r is exact.
     "osgd": lambda labels, classes, config: (rj.oracle_sampler(
         len(labels), batch_size=config.batch_size, r_max=config.r_max), "exact"),
