@@ -276,7 +276,7 @@ def _warn_skipped(newly_skipped: int, num_steps: int) -> None:
 
 def make_runner(model_fn: ModelFn | StatefulModel, loss_head: LossHead,
                 optimizer: optax.GradientTransformationExtraArgs,
-                sampler: Sampler, *, norms: Optional[str] = "exact",
+                sampler: Sampler, *, norms: Optional[str] = "auto",
                 block_size: int = 32, exact_method: str = "ghost",
                 oracle_period: int = 1, oracle_chunk_size: Optional[int] = None,
                 batch_sharding: Optional[jax.sharding.Sharding] = None,
@@ -294,8 +294,8 @@ def make_runner(model_fn: ModelFn | StatefulModel, loss_head: LossHead,
       learning rate (RAIS, O-SGD, naive).
     sampler: any :class:`~rais_jax.Sampler` (train one that plans epochs,
       such as InfoBatch, with :meth:`Runner.run_epoch`).
-    norms: ``"exact"`` (default; ghost norms, the exact gain ratio) or
-      ``"proxy"`` (the scale-free gain ratio), as for
+    norms: ``"auto"`` (default), ``"exact"`` (ghost norms, the exact gain
+      ratio) or ``"proxy"`` (the scale-free gain ratio), as for
       :func:`rais_jax.make_train_step`, for samplers that measure norms.
     block_size: K, steps per block: the sampler's work happens once per
       block. The (PT) period and delay and the oracle's refresh period are

@@ -34,7 +34,7 @@ PyTree = Any
 
 def make_train_step(model_fn: ModelFn | StatefulModel, loss_head: LossHead,
                     optimizer: optax.GradientTransformationExtraArgs,
-                    sampler: Sampler, *, norms: Optional[str] = "exact",
+                    sampler: Sampler, *, norms: Optional[str] = "auto",
                     oracle_period: Optional[int] = None,
                     oracle_chunk_size: Optional[int] = None,
                     exact_method: str = "ghost",
@@ -58,7 +58,12 @@ def make_train_step(model_fn: ModelFn | StatefulModel, loss_head: LossHead,
     sampler: a :class:`~rais_jax.Sampler` (any method but those that plan
       whole epochs, such as InfoBatch: train those with
       :meth:`rais_jax.Runner.run_epoch`).
-    norms: how u_k is measured: ``"exact"`` (default: the gradient and the
+    norms: how u_k is measured: ``"auto"`` (default): ``"exact"``, or
+      ``"proxy"`` for a :class:`~rais_jax.StatefulModel` whose training-mode
+      loss couples examples (BatchNorm) when m is even (its exact shares cost
+      about two plain backward passes on CPU, its proxy norms about one, for
+      the same epochs: ``benchmarks/results/frontier_fashion-resnet-augment.md``);
+      ``"exact"`` (the gradient and the
       exact norms from :func:`rais_jax.value_grad_and_norms`, with ghost
       norms one backward pass; the gain ratio uses them directly),
       ``"proxy"`` (‖∂f_k/∂outputs_k‖ from the same backward pass, split into

@@ -159,11 +159,11 @@ def test_rais_trains_a_batchnorm_model_and_refuses_flax_batchnorm():
   head = rj.softmax_cross_entropy_head()
   model, params, state = models.stateful(_Net(False, nnx.Rngs(0)))
   runner = rj.make_runner(model, head, rj.rais_sgd(0.1), sampler, block_size=K,
-                          augment=AUGMENT)
+                          norms="exact", augment=AUGMENT)
   with pytest.raises(ValueError, match="probes"):
     runner.gain_ratio(runner.init(params, state))
   out, metrics = runner.run(runner.init(params, state), jax.random.key(0), data, 4 * K)
-  assert runner.programs.spec.coupled
+  assert runner.programs.spec.coupled and runner.programs.spec.norms == "exact"
   # r of a coupled loss: the moment ratio of its shares (rais_jax.gain_ratio).
   moments = rj.gain_ratio.update(rj.gain_ratio.init(), jnp.linspace(0.1, 3, M),
                                  jnp.linspace(0.5, 2, M) / N, N, jnp.float32(0.5))
@@ -173,19 +173,46 @@ def test_rais_trains_a_batchnorm_model_and_refuses_flax_batchnorm():
   assert float(runner.programs.spec.gain_ratio(moments)) > 1.05
   assert int(out.step) == 4 * K and np.isfinite(np.asarray(metrics.loss)).all()
   flax_model, flax_params, flax_state = models.stateful(_Net(True, nnx.Rngs(0)))
-  flax_runner = rj.make_runner(flax_model, head, rj.rais_sgd(0.1), sampler, block_size=K)
+  flax_runner = rj.make_runner(flax_model, head, rj.rais_sgd(0.1), sampler,
+                               block_size=K, norms="exact")
   with pytest.raises(ValueError, match="line up"):
     flax_runner.run(flax_runner.init(flax_params, flax_state), jax.random.key(0), data, K)
   with pytest.raises(ValueError, match="share of the training gradient"):
     rj.make_runner(model, head, rj.rais_sgd(0.1), sampler, block_size=K,
-                   exact_method="vmap").run(runner.init(params, state),
-                                            jax.random.key(0), data, K)
+                   norms="exact", exact_method="vmap").run(
+                       runner.init(params, state), jax.random.key(0), data, K)
   proxy = rj.make_runner(model, head, rj.rais_sgd(0.1), sampler, block_size=K,
                          norms="proxy", augment=AUGMENT)
   out, metrics = proxy.run(proxy.init(params, state), jax.random.key(0), data, 4 * K)
   assert not proxy.programs.spec.halves  # a coupled loss's r needs no halves
   assert np.isfinite(np.asarray(metrics.loss)).all()
   assert float(out.moments.grad_weight) > 0
+
+
+def test_default_norms_are_proxy_for_a_coupled_loss_only():
+  """norms="auto" (the default): proxy norms where the loss couples examples
+  (then flax.nnx.BatchNorm trains too), exact ones otherwise; an odd batch
+  (no halves) gets exact norms either way."""
+  data = _data()
+  labels = np.asarray(data["label"])
+  head = rj.softmax_cross_entropy_head()
+  features = rj.default_features(labels, 3)
+  cases = [(_Net(True, nnx.Rngs(0)), M, "proxy"), (_Net(False, nnx.Rngs(0)), M, "proxy"),
+           (_Net(False, nnx.Rngs(0)), M - 1, "exact"), (_DropNet(nnx.Rngs(0)), M, "exact")]
+  for net, m, expected in cases:
+    model, params, state = models.stateful(net)
+    runner = rj.make_runner(model, head, rj.rais_sgd(0.1),
+                            rj.rais_sampler(features, batch_size=m), block_size=K)
+    with pytest.raises(ValueError, match="probes"):
+      runner.programs.spec.norms
+    out, metrics = runner.run(runner.init(params, state), jax.random.key(0), data, 2 * K)
+    assert runner.programs.spec.norms == expected, (type(net).__name__, m)
+    assert np.isfinite(np.asarray(metrics.loss)).all()
+    assert int(out.sampler.diagnostics.nonfinite_norms) == 0
+  model_fn, params = models.functional(_DropNet(nnx.Rngs(0)))
+  plain = rj.make_runner(model_fn, head, rj.rais_sgd(0.1),
+                         rj.rais_sampler(features, batch_size=M), block_size=K)
+  assert plain.programs.spec.norms == "exact"
 
 
 class _DropNet(nnx.Module):

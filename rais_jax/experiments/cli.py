@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from rais_jax import norms as norms_lib
 from rais_jax.experiments import compare
+from rais_jax.step import NORMS
 
 _DEFAULTS = compare.CompareConfig()
 
@@ -78,10 +79,11 @@ def parser() -> argparse.ArgumentParser:
   c.add_argument("--lrs", type=_floats, default=_DEFAULTS.lrs,
                  help="base learning rates of the frontier (--lr is added): "
                  "U-SGD runs at each budget and lr, the other methods at each lr")
-  c.add_argument("--norms", choices=["exact", "proxy"], default=_DEFAULTS.norms,
+  c.add_argument("--norms", choices=list(NORMS), default=_DEFAULTS.norms,
                  help="RAIS's per-example gradient norms: exact ghost norms "
-                 "(default: the exact gain ratio) or the softmax-logit proxy "
-                 "(scale-free gain ratio)")
+                 "(the exact gain ratio), the softmax-logit proxy (scale-free "
+                 "gain ratio), or auto (default: exact, proxy for a model "
+                 "whose training-mode loss couples examples, e.g. BatchNorm)")
   c.add_argument("--exact-method", choices=list(norms_lib.METHODS),
                  default=_DEFAULTS.exact_method,
                  help="how exact norms are computed: ghost norms (one backward "

@@ -4,8 +4,9 @@ side by side, and how much sooner each reaches U-SGD's final training loss.
 Methods (``--methods``):
 
 * ``usgd``: uniform sampling, the plain learning rate;
-* ``rais``: RAIS-SGD; ``osgd``: the O-SGD oracle (p ∝ all n exact norms,
-  refreshed every ``oracle_period`` steps);
+* ``rais``: RAIS-SGD (norms as ``norms`` says; ``rais-exact`` and
+  ``rais-proxy`` fix them); ``osgd``: the O-SGD oracle (p ∝ all n exact
+  norms, refreshed every ``oracle_period`` steps);
 * ``naive``: p ∝ the last measured gradient norm of each example, RAIS's
   floor, gain ratio and schedule (the ablation of the robust set);
 * ``loss-is``: p ∝ the last loss, unbiased weights, the plain learning rate
@@ -57,6 +58,7 @@ import rais_jax as rj
 from rais_jax.experiments import data as data_lib
 from rais_jax.experiments import frontier
 from rais_jax.experiments.models import MODELS, functional, make_model, stateful
+from rais_jax.step import NORMS
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -72,7 +74,7 @@ class CompareConfig:
   lr: float = 0.05
   lr_schedule: str = "cosine"
   momentum: float = 0.9
-  norms: str = "exact"  # how RAIS measures u_k: "exact" or "proxy"
+  norms: str = "auto"  # how RAIS measures u_k: "auto", "exact" or "proxy"
   exact_method: str = "ghost"  # exact norms by "ghost", "vmap" or "auto" (measured)
   oracle_period: int = 10  # O-SGD refreshes all n exact norms every k steps
   r_max: Optional[float] = None  # upper clip of RAIS's and O-SGD's gain ratio (default m)
@@ -115,8 +117,8 @@ class CompareConfig:
     if self.lr_schedule not in SCHEDULES:
       raise ValueError(f"lr_schedule must be one of {SCHEDULES}; got "
                        f"{self.lr_schedule!r}.")
-    if self.norms not in ("proxy", "exact"):
-      raise ValueError(f"norms must be 'proxy' or 'exact'; got {self.norms!r}.")
+    if self.norms not in NORMS:
+      raise ValueError(f"norms must be one of {NORMS}; got {self.norms!r}.")
     if self.exact_method not in rj.norms.METHODS:
       raise ValueError(f"exact_method must be one of {rj.norms.METHODS}; got "
                        f"{self.exact_method!r}.")
@@ -188,7 +190,7 @@ def schedule(config: CompareConfig, total_steps: int) -> optax.Schedule:
 
 
 # A method of the comparison: (training labels, number of classes, config)
-# -> (its sampler, how it measures norms: "exact", "proxy" or None).
+# -> (its sampler, how it measures norms: one of NORMS or None).
 MethodFactory = Callable[[np.ndarray, int, "CompareConfig"],
                          tuple[rj.Sampler, Optional[str]]]
 
@@ -208,8 +210,10 @@ METHODS: dict[str, MethodFactory] = {
     "usgd": lambda labels, classes, config: (
         rj.uniform_sampler(len(labels), batch_size=config.batch_size), None),
     "rais": _rais(),
-    # RAIS with proxy norms whatever --norms says: beside "rais" in one run.
+    # RAIS with proxy or exact norms whatever --norms says: beside "rais" in
+    # one run.
     "rais-proxy": _rais("proxy"),
+    "rais-exact": _rais("exact"),
     # The oracle's own steps measure exact norms (ghost): its r is exact.
     "osgd": lambda labels, classes, config: (rj.oracle_sampler(
         len(labels), batch_size=config.batch_size, r_max=config.r_max), "exact"),

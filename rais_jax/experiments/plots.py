@@ -9,11 +9,11 @@ import pathlib
 from matplotlib.figure import Figure
 
 _COLOURS = {"usgd": "tab:blue", "rais": "tab:orange", "rais-proxy": "tab:olive",
-            "osgd": "tab:green",
+            "rais-exact": "tab:cyan", "osgd": "tab:green",
             "naive": "tab:red", "loss-is": "tab:purple",
             "selective-backprop": "tab:brown", "infobatch": "tab:pink"}
 _LABELS = {"usgd": "U-SGD", "rais": "RAIS-SGD", "rais-proxy": "RAIS-SGD, proxy norms",
-           "osgd": "O-SGD (oracle)",
+           "rais-exact": "RAIS-SGD, exact norms", "osgd": "O-SGD (oracle)",
            "naive": "naive IS (last norms)", "loss-is": "loss IS",
            "selective-backprop": "Selective-Backprop", "infobatch": "InfoBatch"}
 
