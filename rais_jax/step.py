@@ -48,8 +48,8 @@ PyTree = Any
 
 # How u_k can be measured: "auto" is exact norms for a loss whose examples are
 # independent, proxy norms for one that couples them (measured: on the
-# BatchNorm ResNet of the benchmarks, exact shares cost 2.2x a U-SGD step on
-# CPU and proxy norms 1.08x, for the same epochs to U-SGD's loss).
+# BatchNorm ResNet of the benchmarks, exact shares cost 1.8-2.2x a U-SGD step
+# on CPU and proxy norms 0.97-1.08x, for the same epochs to U-SGD's loss).
 NORMS = ("auto", "exact", "proxy")
 
 

@@ -225,8 +225,10 @@ def test_estimate_of_a_coupled_loss_tracks_the_sampled_ratio():
   sampler = rj.rais_sampler(rj.default_features(raw["y_train"], 10), batch_size=m)
   opt = rj.rais_sgd(optax.cosine_decay_schedule(0.05, epochs * n // m), momentum=0.9)
   errors, separable = [], []
+  # Exact shares, not the default proxy norms of a coupled loss: this test
+  # checks the shares' estimator.
   with rj.make_runner(model, rj.softmax_cross_entropy_head(), opt, sampler,
-                      block_size=10) as runner:
+                      norms="exact", block_size=10) as runner:
     sampled = jax.jit(lambda s, d, k: runner.sampled_gain_ratio(s, d, k, draws=200))
     state = runner.init(params, model_state)
     for epoch in range(epochs):
